@@ -1,0 +1,215 @@
+"""Checkpoints of a train state: a thin layer over `orbax.checkpoint.CheckpointManager`.
+
+Each checkpoint step holds two orbax items:
+  - `state`: the pytree (params, optimizer state, RNG keys, ...), written with `StandardSave`;
+  - `meta`:  small JSON: the caller's metadata (data position, anything JSON-able) plus a fingerprint of the
+             state's structure (leaf paths, shapes, dtypes), written with `JsonSave`.
+
+What this layer adds to orbax:
+  - restoring the latest *good* checkpoint: a step whose files are truncated, garbled or missing is logged as a
+    warning naming the step, moved aside (`<step>.corrupt`) so a resumed run can save that step again, and the
+    previous step is tried;
+  - a structure check before orbax is asked to restore, so restoring another architecture's checkpoint says which
+    leaves differ instead of raising from deep inside orbax/tensorstore;
+  - a guard that refuses to checkpoint a non-finite state, so a run that diverges keeps its last good checkpoint.
+
+Saves are asynchronous; `close()` (or leaving the `with` block) waits for them to finish.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+_STATE = "state"
+_META = "meta"
+_CORRUPT_SUFFIX = ".corrupt"
+_MAX_LISTED = 8  # differing leaves named in a mismatch message
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read; the message names the directory and step."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint on disk has a different structure from the state it is restored into."""
+
+
+class NonFiniteStateError(CheckpointError):
+  """Refused to checkpoint a state holding NaN or Inf (the previous checkpoint stays the latest)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  step: int
+  state: Any
+  metadata: dict[str, Any]
+
+
+def tree_fingerprint(tree) -> dict[str, dict[str, Any]]:
+  """{leaf path: {"shape": [...], "dtype": "..."}} of a pytree of arrays or ShapeDtypeStructs."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): {"shape": [int(d) for d in np.shape(leaf)], "dtype": str(leaf.dtype)}
+          for path, leaf in leaves}
+
+
+def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  """Human-readable differences between two fingerprints; empty when the structures agree.
+
+  Only paths and shapes count: a dtype difference is a cast orbax performs on restore, not a different model.
+  """
+  problems = []
+  missing = [p for p in expected if p not in saved]
+  extra = [p for p in saved if p not in expected]
+  reshaped = [p for p in expected if p in saved and list(saved[p]["shape"]) != list(expected[p]["shape"])]
+  if missing:
+    problems.append(f"{len(missing)} leaves expected but not in the checkpoint: {_listing(missing)}")
+  if extra:
+    problems.append(f"{len(extra)} leaves in the checkpoint but not expected: {_listing(extra)}")
+  if reshaped:
+    shapes = [f"{p} saved {tuple(saved[p]['shape'])} expected {tuple(expected[p]['shape'])}" for p in reshaped]
+    problems.append(f"{len(reshaped)} leaves with another shape: {_listing(shapes)}")
+  return problems
+
+
+def _listing(items: list[str]) -> str:
+  shown = ", ".join(items[:_MAX_LISTED])
+  return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def _all_finite(tree) -> bool:
+  # jnp rather than np: works on arrays sharded across processes, where np.asarray would fail.
+  floats = [leaf for leaf in jax.tree_util.tree_leaves(tree)
+            if np.issubdtype(getattr(leaf, "dtype", np.int32), np.inexact)]
+  return all(bool(jnp.isfinite(leaf).all()) for leaf in floats)
+
+
+class Checkpointer:
+  """Saves a train state every `save_every` steps into `directory`, keeps the newest `keep`.
+
+  Typical use in a train loop:
+
+      with Checkpointer(workdir + "/checkpoints", save_every=100, keep=3) as ckpt:
+        restored = ckpt.restore_latest(state)          # None on a fresh start
+        if restored: state, start = restored.state, restored.step + 1
+        for step in range(start, total):
+          state = train_step(state, ...)
+          ckpt.save(step, state, {"epoch": ...})       # writes only when step % save_every == 0
+        ckpt.save(total - 1, state, force=True)
+  """
+
+  def __init__(self, directory: str, *, save_every: int = 1, keep: int | None = 3, async_save: bool = True):
+    if save_every < 1:
+      raise CheckpointError(f"{directory}: save_every must be >= 1, got {save_every}")
+    if keep is not None and keep < 1:
+      raise CheckpointError(f"{directory}: keep must be >= 1 or None (keep all), got {keep}")
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                           enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+
+  # -- writing
+
+  def save(self, step: int, state, metadata: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` at `step` when the interval says so, or always with `force`.
+
+    Returns whether a save was started. Raises NonFiniteStateError rather than checkpoint NaN/Inf.
+    """
+    if not (force or self._manager.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      return False  # already written (e.g. the final forced save landing on an interval step)
+    if not _all_finite(state):
+      raise NonFiniteStateError(f"{self.directory}: state at step {step} holds NaN or Inf; not saved. "
+                                f"The latest good checkpoint is step {self.latest_step()}.")
+    meta = {"user": dict(metadata or {}), "tree": tree_fingerprint(state)}
+    return self._manager.save(step, args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=True)
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- reading
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore_latest(self, target) -> Restored | None:
+    """Restores the newest readable checkpoint into the structure of `target`; None if there is none.
+
+    `target` is the state as freshly initialised, or its abstract form (`jax.ShapeDtypeStruct`s with shardings):
+    it fixes the pytree types, dtypes and shardings of the result. Corrupt newer steps are warned about and
+    moved aside. Raises CheckpointMismatchError if the checkpoint is of another structure, and CheckpointError
+    if checkpoints exist but none is readable.
+    """
+    self.wait()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    expected = tree_fingerprint(abstract)
+    failures = []
+    for step in reversed(self.steps()):
+      try:
+        meta = self._restore_meta(step)
+      except Exception as e:  # noqa: BLE001 - any failure to read means this step is unusable
+        failures.append(self._set_aside(step, f"metadata unreadable ({_short(e)})"))
+        continue
+      problems = describe_mismatch(meta.get("tree", {}), expected)
+      if problems:
+        raise CheckpointMismatchError(
+            f"{self.directory}: checkpoint step {step} has a different structure from the state to restore "
+            f"(another model or search space?): " + "; ".join(problems))
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(abstract)}))
+      except Exception as e:  # noqa: BLE001
+        failures.append(self._set_aside(step, f"state unreadable ({_short(e)})"))
+        continue
+      return Restored(step=step, state=restored[_STATE], metadata=meta.get("user", {}))
+    if failures:
+      raise CheckpointError(f"{self.directory}: no readable checkpoint: " + "; ".join(failures))
+    return None
+
+  def _restore_meta(self, step: int) -> dict[str, Any]:
+    meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    if not isinstance(meta, dict) or "tree" not in meta:
+      raise CheckpointError(f"step {step}: '{_META}' item is not an edgenas checkpoint metadata object")
+    return meta
+
+  def _set_aside(self, step: int, reason: str) -> str:
+    """Warns about a corrupt step and renames it so the manager no longer lists it (and can save it again)."""
+    message = f"checkpoint step {step} in {self.directory} is corrupt: {reason}; falling back to an earlier step"
+    logging.warning(message)
+    if jax.process_index() == 0:
+      step_dir = os.path.join(self.directory, str(step))
+      aside = step_dir + _CORRUPT_SUFFIX
+      suffix = 1
+      while os.path.exists(aside):
+        aside, suffix = f"{step_dir}{_CORRUPT_SUFFIX}{suffix}", suffix + 1
+      if os.path.isdir(step_dir):
+        os.replace(step_dir, aside)
+    self._manager.reload()
+    return message
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  text = f"{type(error).__name__}: {error}"
+  return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,122 @@
+"""Checkpointer against real orbax in temporary directories."""
+import glob
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+
+from edgenas import checkpoint as ckpt_lib
+
+
+@struct.dataclass
+class _TrainState:
+  step: jnp.ndarray
+  params: dict
+  opt_state: optax.OptState
+  rng: jnp.ndarray
+
+
+def _state(width=4, seed=0):
+  key = jax.random.PRNGKey(seed)
+  params = {"conv": {"kernel": jax.random.normal(key, (3, 3, 1, width))}, "dense": {"bias": jnp.zeros(10)}}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
+  return _TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(key))
+
+
+def _advance(state, by):
+  return jax.tree.map(lambda x: x + by, state)
+
+
+def test_round_trip_restores_values_types_and_metadata(tmp_path):
+  state = _advance(_state(), 3)
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=2) as ckpt:
+    assert ckpt.restore_latest(_state()) is None
+    assert ckpt.save(7, state, {"epoch": 2, "offset": 5})
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=2) as ckpt:  # a new process resuming
+    restored = ckpt.restore_latest(_state())
+  assert restored.step == 7
+  assert restored.metadata == {"epoch": 2, "offset": 5}
+  assert isinstance(restored.state, _TrainState)
+  assert isinstance(restored.state.opt_state[1][0], optax.TraceState)
+  chex.assert_trees_all_equal(restored.state, state)
+  chex.assert_trees_all_equal_dtypes(restored.state, state)
+
+
+def test_saves_every_n_steps_and_keeps_k(tmp_path):
+  state = _state()
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=3, keep=2) as ckpt:
+    started = [ckpt.save(step, _advance(state, step)) for step in range(10)]
+    assert ckpt.save(10, state, force=True)
+    assert not ckpt.save(10, state, force=True)  # already on disk: no second write
+    ckpt.wait()
+    assert started == [step % 3 == 0 for step in range(10)]
+    assert ckpt.steps() == [9, 10]
+    assert ckpt.latest_step() == 10
+
+
+def test_corrupt_latest_falls_back_with_warning_and_can_be_saved_again(tmp_path, caplog):
+  state = _state()
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=3) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _advance(state, step), {"step": step})
+  for data_file in glob.glob(str(tmp_path / "2" / "state" / "**" / "d" / "*"), recursive=True):
+    with open(data_file, "r+b") as f:
+      f.truncate(3)
+
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=3) as ckpt:
+    with caplog.at_level("WARNING"):
+      restored = ckpt.restore_latest(state)
+    assert restored.step == 1
+    chex.assert_trees_all_equal(restored.state, _advance(state, 1))
+    assert any("step 2" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert ckpt.steps() == [1]
+    assert os.path.isdir(tmp_path / "2.corrupt")  # kept for inspection, out of the manager's way
+    assert ckpt.save(2, _advance(state, 2), force=True)  # the resumed run can write step 2 again
+
+
+def test_missing_metadata_file_falls_back(tmp_path):
+  state = _state()
+  with ckpt_lib.Checkpointer(str(tmp_path), save_every=1, keep=3) as ckpt:
+    for step in (4, 8):
+      ckpt.save(step, _advance(state, step))
+  os.remove(tmp_path / "8" / "meta" / "metadata")
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.restore_latest(state).step == 4
+
+
+def test_no_readable_checkpoint_is_an_error(tmp_path):
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, _state())
+  os.remove(tmp_path / "1" / "meta" / "metadata")
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(ckpt_lib.CheckpointError, match="no readable checkpoint"):
+      ckpt.restore_latest(_state())
+
+
+def test_other_structure_is_a_clear_mismatch_error(tmp_path):
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(5, _state(width=4))
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"step 5.*another shape.*kernel.*\(3, 3, 1, 4\)"):
+      ckpt.restore_latest(_state(width=8))
+    other = _state()
+    other = other.replace(params={**other.params, "extra": {"w": jnp.ones(2)}})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"expected but not in the checkpoint.*extra"):
+      ckpt.restore_latest(other)
+  assert ckpt_lib.describe_mismatch(ckpt_lib.tree_fingerprint(_state()), ckpt_lib.tree_fingerprint(_state())) == []
+
+
+def test_non_finite_state_is_not_saved(tmp_path):
+  state = _state()
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, state)
+    broken = state.replace(params={**state.params, "dense": {"bias": jnp.full(10, np.nan)}})
+    with pytest.raises(ckpt_lib.NonFiniteStateError, match="step 2.*latest good checkpoint is step 1"):
+      ckpt.save(2, broken)
+    assert ckpt.restore_latest(state).step == 1
