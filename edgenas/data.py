@@ -1,0 +1,300 @@
+"""Datasets as in-memory numpy arrays, deterministic (resumable, shardable) batches, and light augmentation.
+
+Datasets:
+  - `digits`: scikit-learn's handwritten digits (1,797 real 8x8 grey images, 10 classes) that ship inside the
+    package, so the default runs anywhere. Split, stratified by class: 15% test with a fixed seed (the same test
+    images for every run), then `val_fraction` of the remaining 85% as validation with `seed`; the rest is train.
+    With the default val_fraction=0.1 that is 1,374 / 153 / 270 images.
+  - `tfds:<builder>` (e.g. `tfds:mnist`, `tfds:cifar10`): read from a TFDS `data_dir` that was prepared beforehand;
+    nothing is downloaded at run time. Validation is carved from the `train` split with a permutation seeded by
+    `seed`; test is the `test` split (or `validation` when a builder has no `test`).
+Images are float32 NHWC in [0, 1] (int8 export quantises that range directly); labels are int32.
+
+Batches: the order of an epoch is a permutation seeded by (seed, epoch) alone, so a run resumed at any step sees
+exactly the batches an uninterrupted run would (`BatchStream.batch_at(step)`), and each process of a multi-host
+run takes its own contiguous slice of every global batch (shard_index / num_shards).
+
+TensorFlow Datasets (and with it TensorFlow) is imported only on the `tfds:` path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+DIGITS = "digits"
+TFDS_PREFIX = "tfds:"
+DIGITS_TEST_FRACTION = 0.15
+DIGITS_TEST_SEED = 0  # fixed, so runs with different seeds are scored on the same test images
+# TFDS builders whose classes do not change under a left-right mirror; flips stay off for anything else.
+FLIP_INVARIANT_TFDS = frozenset({"cifar10", "cifar100", "imagenette", "imagenet2012", "imagenet_resized",
+                                 "stl10", "oxford_flowers102", "tf_flowers", "cats_vs_dogs"})
+_RESIZE_CHUNK = 4096  # images resized at a time, to bound the float32 working memory
+
+
+class DataError(ValueError):
+  """A dataset that cannot be loaded or batched as asked; the message names the dataset/field/directory."""
+
+
+class Split(NamedTuple):
+  images: np.ndarray  # float32 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train: Split
+  val: Split
+  test: Split
+  input_shape: tuple[int, int, int]
+  num_classes: int
+  flip_invariant: bool  # whether random horizontal flips are a valid augmentation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+                 image_size: tuple[int, int] | int | None = None) -> Dataset:
+  """Loads `digits` or `tfds:<builder>` into memory with train/val/test splits (see the module docstring).
+
+  `image_size` (H, W) or an int resizes every image (bilinear, antialiased when shrinking).
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise DataError(f"dataset '{name}': val_fraction must be in (0, 1), got {val_fraction}")
+  size = _image_size(name, image_size)
+  if name == DIGITS:
+    dataset = _load_digits(val_fraction, seed)
+  elif name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
+    dataset = _load_tfds(name[len(TFDS_PREFIX):], data_dir, val_fraction, seed)
+  else:
+    raise DataError(f"unknown dataset '{name}': use '{DIGITS}' or '{TFDS_PREFIX}<builder>' (e.g. 'tfds:mnist')")
+  return resize_dataset(dataset, size) if size else dataset
+
+
+def _image_size(name, image_size) -> tuple[int, int] | None:
+  if image_size is None:
+    return None
+  size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+    raise DataError(f"dataset '{name}': image_size must be a positive int or (H, W), got {image_size!r}")
+  return int(size[0]), int(size[1])
+
+
+def _load_digits(val_fraction: float, seed: int) -> Dataset:
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  images = (digits.images.astype(np.float32) / 16.0)[..., None]  # pixel values are 0..16
+  labels = digits.target.astype(np.int32)
+  pool_x, test_x, pool_y, test_y = model_selection.train_test_split(
+      images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_TEST_SEED)
+  train_x, val_x, train_y, val_y = model_selection.train_test_split(
+      pool_x, pool_y, test_size=val_fraction, stratify=pool_y, random_state=seed)
+  return Dataset(name=DIGITS, train=Split(train_x, train_y), val=Split(val_x, val_y), test=Split(test_x, test_y),
+                 input_shape=images.shape[1:], num_classes=10, flip_invariant=False)
+
+
+def tfds_not_prepared_message(builder_name: str, data_dir: str | None) -> str:
+  where = data_dir or "~/tensorflow_datasets (TFDS's default; pass data_dir to use another)"
+  return (f"dataset 'tfds:{builder_name}' is not prepared in data_dir {where}, and edgenas never downloads at "
+          f"run time. Prepare it on a machine with internet: `tfds build {builder_name} --data_dir=<dir>` "
+          f"(or, for builders that need files you fetch yourself, put them in a directory and pass "
+          f"`tfds.download.DownloadConfig(manual_dir=...)` / `tfds build --manual_dir=...`), then copy <dir> here "
+          f"and pass it as data_dir.")
+
+
+def _load_tfds(builder_name: str, data_dir: str | None, val_fraction: float, seed: int) -> Dataset:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # pulls in TensorFlow
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise DataError(f"data_dir {data_dir} does not exist. " + tfds_not_prepared_message(builder_name, data_dir))
+  try:
+    builder = tfds.builder(builder_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(tfds_not_prepared_message(builder_name, data_dir)) from None
+  if not builder.is_prepared():
+    raise DataError(tfds_not_prepared_message(builder_name, data_dir))
+
+  splits = builder.info.splits
+  test_split = next((s for s in ("test", "validation") if s in splits), None)
+  if "train" not in splits or test_split is None:
+    raise DataError(f"dataset 'tfds:{builder_name}' in {builder.data_dir}: needs a 'train' split and a 'test' or "
+                    f"'validation' split, has {sorted(splits)}")
+  image_key, label_key = _image_label_keys(builder, builder_name)
+  label_feature = builder.info.features[label_key]
+  num_classes = getattr(label_feature, "num_classes", None)
+  if not num_classes:
+    raise DataError(f"dataset 'tfds:{builder_name}': feature '{label_key}' is not a ClassLabel with num_classes")
+
+  def read(split):
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    return _to_float_images(arrays[image_key], builder_name), np.asarray(arrays[label_key], np.int32)
+
+  train_x, train_y = read("train")
+  test_x, test_y = read(test_split)
+  if len(train_y) < 2:
+    raise DataError(f"dataset 'tfds:{builder_name}': the train split has {len(train_y)} examples; need >= 2")
+  order = np.random.default_rng(seed).permutation(len(train_y))
+  num_val = min(max(1, int(round(val_fraction * len(train_y)))), len(train_y) - 1)
+  val_idx, train_idx = order[:num_val], order[num_val:]
+  return Dataset(name=f"{TFDS_PREFIX}{builder_name}", train=Split(train_x[train_idx], train_y[train_idx]),
+                 val=Split(train_x[val_idx], train_y[val_idx]), test=Split(test_x, test_y),
+                 input_shape=tuple(int(d) for d in train_x.shape[1:]), num_classes=int(num_classes),
+                 flip_invariant=builder_name.split("/")[0].split(":")[0] in FLIP_INVARIANT_TFDS)
+
+
+def _image_label_keys(builder, builder_name: str) -> tuple[str, str]:
+  keys = builder.info.supervised_keys
+  if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+    return keys
+  features = builder.info.features
+  if "image" in features and "label" in features:
+    return "image", "label"
+  raise DataError(f"dataset 'tfds:{builder_name}': cannot tell images from labels: no (image, label) "
+                  f"supervised_keys and no 'image'/'label' features (features: {sorted(features)})")
+
+
+def _to_float_images(images: np.ndarray, builder_name: str) -> np.ndarray:
+  if images.ndim == 3:  # some builders store grey images without a channel axis
+    images = images[..., None]
+  if images.ndim != 4:
+    raise DataError(f"dataset 'tfds:{builder_name}': expected images [N, H, W, C], got shape {images.shape}")
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+def resize_dataset(dataset: Dataset, size: tuple[int, int]) -> Dataset:
+  """The same dataset with every image resized to `size` (H, W)."""
+  if tuple(dataset.input_shape[:2]) == tuple(size):
+    return dataset
+  resized = {name: Split(resize_images(split.images, size), split.labels)
+             for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test))}
+  return dataclasses.replace(dataset, **resized, input_shape=(size[0], size[1], dataset.input_shape[2]))
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  import jax  # pylint: disable=g-import-not-at-top  # only resizing needs it
+  n, _, _, c = images.shape
+  chunks = [np.asarray(jax.image.resize(images[i:i + _RESIZE_CHUNK], (len(images[i:i + _RESIZE_CHUNK]),
+                                                                       *size, c), "linear"))
+            for i in range(0, n, _RESIZE_CHUNK)]
+  return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, *size, c), np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The example order of one epoch: a function of (seed, epoch) only."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def shard_slice(global_batch: int, shard_index: int, num_shards: int) -> slice:
+  """The rows of a global batch that process `shard_index` of `num_shards` reads (contiguous, in order)."""
+  if not 0 <= shard_index < num_shards:
+    raise DataError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+  bounds = np.linspace(0, global_batch, num_shards + 1).round().astype(int)
+  return slice(int(bounds[shard_index]), int(bounds[shard_index + 1]))
+
+
+def _check_batching(images, labels, batch_size, num_shards, drop_last) -> None:
+  if len(images) != len(labels):
+    raise DataError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+  if batch_size < 1 or num_shards < 1:
+    raise DataError(f"batch_size and num_shards must be >= 1, got {batch_size} and {num_shards}")
+  if batch_size % num_shards:
+    raise DataError(f"global batch_size {batch_size} is not divisible by num_shards {num_shards}")
+  if drop_last and len(labels) < batch_size:
+    raise DataError(f"batch_size {batch_size} is larger than the split ({len(labels)} examples) with drop_last; "
+                    f"lower the batch size or the validation fraction")
+
+
+def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int, shard_index: int = 0,
+            num_shards: int = 1, drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """One epoch of (images, labels) batches; this process's shard of each global batch of `batch_size`.
+
+  Without drop_last the final global batch is smaller and its shards may differ in size by one.
+  """
+  _check_batching(images, labels, batch_size, num_shards, drop_last)
+  order = epoch_permutation(len(labels), seed, epoch)
+  end = len(order) - len(order) % batch_size if drop_last else len(order)
+  for start in range(0, end, batch_size):
+    rows = order[start:start + batch_size]
+    rows = rows[shard_slice(len(rows), shard_index, num_shards)]
+    yield images[rows], labels[rows]
+
+
+class BatchStream:
+  """An endless, step-addressable sequence of batches: step s is batch s % steps_per_epoch of epoch
+  s // steps_per_epoch, in the order `batches(..., epoch=...)` gives, so a run resumed at step s continues
+  exactly as an uninterrupted one. The incomplete tail of each epoch is skipped (drop_last).
+
+  A search draws one train and one validation batch per step from two streams with different seeds, e.g.
+  `BatchStream(*ds.train, 64, seed)` and `BatchStream(*ds.val, 64, seed + 1)`; each wraps at its own epoch length.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, shard_index: int = 0,
+               num_shards: int = 1):
+    _check_batching(images, labels, batch_size, num_shards, drop_last=True)
+    self.images, self.labels = images, labels
+    self.batch_size, self.seed = batch_size, seed
+    self._rows = shard_slice(batch_size, shard_index, num_shards)
+    self.steps_per_epoch = len(labels) // batch_size
+    self._cached_epoch, self._cached_order = None, None
+
+  def position(self, step: int) -> tuple[int, int]:
+    """(epoch, batch index within the epoch) of a global step."""
+    if step < 0:
+      raise DataError(f"step must be >= 0, got {step}")
+    return divmod(step, self.steps_per_epoch)
+
+  def batch_at(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    epoch, offset = self.position(step)
+    if epoch != self._cached_epoch:
+      self._cached_epoch, self._cached_order = epoch, epoch_permutation(len(self.labels), self.seed, epoch)
+    rows = self._cached_order[offset * self.batch_size:(offset + 1) * self.batch_size][self._rows]
+    return self.images[rows], self.labels[rows]
+
+  def iterate(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    step = start_step
+    while True:
+      yield self.batch_at(step)
+      step += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Augmentation (for retraining; pure numpy given a numpy Generator, e.g. np.random.default_rng([seed, step]))
+
+
+def random_shift(images: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+  """Each image shifted by up to `max_shift` pixels in each direction: zero-pad, then a random crop."""
+  if max_shift <= 0:
+    return images
+  n, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+  dy = rng.integers(0, 2 * max_shift + 1, size=n)
+  dx = rng.integers(0, 2 * max_shift + 1, size=n)
+  rows = (dy[:, None] + np.arange(h))[:, :, None]  # [N, H, 1]
+  cols = (dx[:, None] + np.arange(w))[:, None, :]  # [N, 1, W]
+  return padded[np.arange(n)[:, None, None], rows, cols]
+
+
+def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Each image mirrored left-right with probability 1/2."""
+  flip = rng.random(len(images)) < 0.5
+  return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, max_shift: int = 0, flip: bool = False) -> np.ndarray:
+  """Random shift, then (when the dataset is `flip_invariant` and `flip` is on) random horizontal flip."""
+  images = random_shift(images, rng, max_shift)
+  return random_flip(images, rng) if flip else images
