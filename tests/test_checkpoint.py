@@ -1,6 +1,8 @@
 """Checkpointer against real orbax in temporary directories."""
 import glob
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -120,3 +122,28 @@ def test_non_finite_state_is_not_saved(tmp_path):
     with pytest.raises(ckpt_lib.NonFiniteStateError, match="step 2.*latest good checkpoint is step 1"):
       ckpt.save(2, broken)
     assert ckpt.restore_latest(state).step == 1
+
+
+_SHARDED_RESTORE = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from edgenas import checkpoint as ckpt_lib
+mesh = Mesh(np.array(jax.devices()), ("data",))
+replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+state = {"w": jax.device_put(jnp.arange(12.0).reshape(4, 3), replicated),
+         "rows": jax.device_put(jnp.arange(8.0), split)}
+with ckpt_lib.Checkpointer(sys.argv[1]) as ckpt:
+  ckpt.save(3, state)
+with ckpt_lib.Checkpointer(sys.argv[1]) as ckpt:
+  restored = ckpt.restore_latest(state).state
+assert len(jax.devices()) == 4
+assert restored["w"].sharding == replicated and restored["rows"].sharding == split, restored
+np.testing.assert_array_equal(restored["rows"], np.arange(8.0))
+"""
+
+
+def test_restore_keeps_target_shardings_on_a_device_mesh(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-c", _SHARDED_RESTORE, str(tmp_path / "ckpt")], check=True, env=env,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: edgenas importable

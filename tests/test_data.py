@@ -1,4 +1,5 @@
 """Datasets (embedded digits and an offline TFDS directory), deterministic sharded batches, augmentation."""
+import os
 import subprocess
 import sys
 
@@ -74,7 +75,8 @@ def test_bad_dataset_arguments(kwargs, match):
 def test_importing_data_and_loading_digits_does_not_import_tensorflow():
   code = ("import sys, edgenas.data as d; d.load_dataset('digits'); "
           "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; assert not bad, bad")
-  subprocess.run([sys.executable, "-c", code], check=True)
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: edgenas importable
 
 
 # ---------------------------------------------------------------------------------------------------- batches
