@@ -55,7 +55,7 @@ class Restored:
 def tree_fingerprint(tree) -> dict[str, dict[str, Any]]:
   """{leaf path: {"shape": [...], "dtype": "..."}} of a pytree of arrays or ShapeDtypeStructs."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): {"shape": [int(d) for d in np.shape(leaf)], "dtype": str(leaf.dtype)}
+  return {jax.tree_util.keystr(path): {"shape": [int(d) for d in np.shape(leaf)], "dtype": str(getattr(leaf, "dtype", type(leaf).__name__))}
           for path, leaf in leaves}
 
 

@@ -50,6 +50,16 @@ def test_round_trip_restores_values_types_and_metadata(tmp_path):
   chex.assert_trees_all_equal_dtypes(restored.state, state)
 
 
+def test_round_trip_of_numpy_and_python_leaves(tmp_path):
+  state = {"counts": np.arange(4), "epoch": 3, "lr": 0.5, "w": jnp.ones((2, 2))}
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(0, state)
+    restored = ckpt.restore_latest(state).state
+  assert restored["epoch"] == 3 and restored["lr"] == 0.5
+  assert isinstance(restored["counts"], np.ndarray) and isinstance(restored["w"], jax.Array)
+  np.testing.assert_array_equal(restored["counts"], np.arange(4))
+
+
 def test_saves_every_n_steps_and_keeps_k(tmp_path):
   state = _state()
   with ckpt_lib.Checkpointer(str(tmp_path), save_every=3, keep=2) as ckpt:
