@@ -1,0 +1,142 @@
+"""MCU tables calibrated to real measurements (MLPerf Tiny), with relative per-operator costs from the host.
+
+Two whole-model measurements per board cannot determine per-operator costs by themselves. The relative cost of
+each operator configuration therefore comes from something measured: the `host` table, which times TFLM's
+reference kernels one operator at a time. A board's cost of an operator is the host cost split into its
+compute part (the MAC, weight-byte and window-tap terms of the host regressor) and its overhead part (activation-byte
+and per-call terms), each multiplied by a per-board scale:
+
+    latency_board(op) = s_compute · compute_host(op) + s_overhead · overhead_host(op)
+
+The scales are the only quantities fitted to the board's measurements (non-negative least squares on relative
+error over its measured models), the same for every operator and every network: no per-model factor. With one
+scale (`scales="single"`), the two measured models over-determine the fit and the residuals show how well the
+host's relative costs transfer; with two, the fit is exact on two models and says nothing by itself, so
+`leave_one_out` reports each model predicted from a single scale fitted on the other one.
+
+Energy = latency x the board's average active power: measured (energy / latency of the measured rows) where the
+board's energy was measured, otherwise a documented assumption, marked as an estimate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import optimize
+
+from edgenas.energy import features as features_lib
+from edgenas.energy import lut as lut_lib
+from edgenas.energy import platform as platform_lib
+from edgenas.energy import regressor as regressor_lib
+from edgenas.energy import tflite_graph
+from edgenas.energy.errors import EnergyModelError
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REFERENCE_MODEL_DIRS = (os.path.join(_REPO_ROOT, "testdata"),
+                        os.path.join(_REPO_ROOT, "..", "shared", "data", "mlperf_tiny", "models"))
+
+
+def reference_model_path(file_name: str) -> str:
+  """The repo's copy in testdata/ if present, else the shared MLPerf Tiny directory."""
+  for d in REFERENCE_MODEL_DIRS:
+    path = os.path.join(d, file_name)
+    if os.path.exists(path):
+      return path
+  raise EnergyModelError(f"reference model {file_name!r} not found in {', '.join(REFERENCE_MODEL_DIRS)}")
+
+
+def split_cost(coefs: Mapping[str, Sequence[float]], op: str, feats: Sequence[float]) -> tuple[float, float]:
+  """(compute, overhead) parts of an operator's cost under per-op coefficients (`features.FEATURES` order:
+  MACs, weight bytes and window taps are compute; activation bytes and the per-call constant are overhead)."""
+  theta = coefs[op]
+  return (theta[0] * feats[0] + theta[1] * feats[1] + theta[4] * feats[4], theta[2] * feats[2] + theta[3] * feats[3])
+
+
+def model_split(coefs, graph: tflite_graph.TfliteGraph) -> np.ndarray:
+  """Summed (compute, overhead) host cost of a whole model."""
+  return np.sum([split_cost(coefs, o.spec.op, o.features()) for o in graph.ops], axis=0)
+
+
+def fit_scales(splits: np.ndarray, measured: np.ndarray, single: bool) -> np.ndarray:
+  """Non-negative (s_compute, s_overhead) minimising the relative error of split @ s against `measured`."""
+  a = splits / measured[:, None]
+  if single:
+    s, _ = optimize.nnls(a.sum(axis=1, keepdims=True), np.ones(len(measured)))
+    return np.array([s[0], s[0]])
+  s, _ = optimize.nnls(a, np.ones(len(measured)))
+  return s
+
+
+def calibrate(platform: platform_lib.Platform, host: platform_lib.Platform) -> tuple[platform_lib.Platform,
+                                                                                     list[lut_lib.LutRow]]:
+  """The platform with fitted scales, power and a reproduction report, and its calibrated LUT rows.
+
+  Reads the measurements and the method from `platform.calibration` (`measurements`: list of {benchmark, model,
+  latency_ms, energy_uj or null, source}; `scales`: "single" or "compute_overhead").
+  """
+  cal = dict(platform.calibration)
+  where = f"{platform.path}: field 'calibration"
+  measurements = cal.get("measurements")
+  if not measurements:
+    raise EnergyModelError(f"{where}.measurements' is empty; a calibrated platform needs measured models")
+  mode = cal.get("scales", "single")
+  if mode not in ("single", "compute_overhead"):
+    raise EnergyModelError(f"{where}.scales' must be 'single' or 'compute_overhead', got {mode!r}")
+  coefs = host.coefficients("latency_ms")
+  graphs = [tflite_graph.read_tflite(reference_model_path(m["model"])) for m in measurements]
+  splits = np.array([model_split(coefs, g) for g in graphs])
+  latency = np.array([float(m["latency_ms"]) for m in measurements])
+  scales = fit_scales(splits, latency, mode == "single")
+  predicted = splits @ scales
+
+  energies = [m.get("energy_uj") for m in measurements]
+  if all(e is not None for e in energies):
+    active_mw = float(np.mean(np.array(energies, float) / latency))
+    power_source = (f"measured: mean of energy / latency over the MLPerf Tiny rows "
+                    f"({', '.join(m['benchmark'] for m in measurements)}), {active_mw:.2f} mW")
+  else:
+    active_mw = platform.active_mw
+    power_source = platform.sources["active_mw"]
+
+  reproduction = []
+  for m, g, p in zip(measurements, graphs, predicted):
+    entry = dict(benchmark=m["benchmark"], model=m["model"], measured_latency_ms=float(m["latency_ms"]),
+                 predicted_latency_ms=round(float(p), 4),
+                 latency_error_pct=round(100 * (p / float(m["latency_ms"]) - 1), 2))
+    if m.get("energy_uj") is not None:
+      entry.update(measured_energy_uj=float(m["energy_uj"]), predicted_energy_uj=round(float(p * active_mw), 2),
+                   energy_error_pct=round(100 * (p * active_mw / float(m["energy_uj"]) - 1), 2))
+    reproduction.append(entry)
+  leave_one_out = []
+  if len(measurements) > 1:
+    for i, m in enumerate(measurements):
+      rest = [j for j in range(len(measurements)) if j != i]
+      s = fit_scales(splits[rest], latency[rest], single=True)
+      p = float(splits[i] @ s)
+      leave_one_out.append(dict(benchmark=m["benchmark"], predicted_latency_ms=round(p, 4),
+                                latency_error_pct=round(100 * (p / latency[i] - 1), 2)))
+  cal.update(scale_compute=float(f"{scales[0]:.6g}"), scale_overhead=float(f"{scales[1]:.6g}"),
+             host_profile=host.name, reproduction=reproduction, leave_one_out_single_scale=leave_one_out)
+  sources = dict(platform.sources, active_mw=power_source)
+  calibrated = dataclasses.replace(platform, active_mw=round(active_mw, 4), sources=sources, calibration=cal)
+  return calibrated, calibrated_rows(host, calibrated, scales, active_mw)
+
+
+def calibrated_rows(host: platform_lib.Platform, platform: platform_lib.Platform, scales: np.ndarray,
+                    active_mw: float) -> list[lut_lib.LutRow]:
+  """The host table's configurations at the board's cost: each measured host row rescaled by the calibrated
+  compute/overhead scales in the proportion the host regressor splits that configuration."""
+  coefs = host.coefficients("latency_ms")
+  source = (f"calibrated: host row x scales (compute {scales[0]:.4g}, overhead {scales[1]:.4g}) fitted to "
+            f"MLPerf Tiny measurements of {platform.name}; energy = latency x {active_mw:.4g} mW")
+  rows = []
+  for r in lut_lib.load_lut(host.lut_path):
+    c, o = split_cost(coefs, r.op, features_lib.cost_features(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel,
+                                                              r.stride))
+    factor = (scales[0] * c + scales[1] * o) / (c + o) if c + o > 0 else scales[1]
+    latency = r.latency_ms_mean * factor
+    rows.append(dataclasses.replace(r, latency_ms_mean=latency, latency_ms_std=r.latency_ms_std * factor,
+                                    energy_uj=latency * active_mw, source=source))
+  return rows

@@ -1,0 +1,156 @@
+"""Platform profiles: one JSON per target (core, clock, memories, power, runtime, its LUT and fitted regressor).
+
+Every figure carries its provenance in `sources` (measured, datasheet, or an estimate and how it was made); the
+loader refuses a profile whose figures have no source. Profiles shipped with edgenas live in
+`edgenas/energy/platforms/<name>.json`, their tables in `<name>_lut.csv`; `platforms/README.md` documents them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from edgenas import ops as ops_lib
+from edgenas.energy import features as features_lib
+from edgenas.energy.errors import EnergyModelError
+
+PLATFORM_VERSION = 1
+PLATFORMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platforms")
+DEFAULT_PLATFORM = "stm32l4r5_tflm"
+QUANTITIES = ("latency_ms", "energy_uj")
+# Figures that must each name their source.
+SOURCED_FIELDS = ("clock_mhz", "sram_bytes", "flash_bytes", "static_mw", "active_mw", "lut")
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+  name: str
+  description: str
+  core: str
+  isa: str
+  clock_mhz: float
+  sram_bytes: int
+  flash_bytes: int
+  static_mw: float  # drawn between inferences (the device's sleep mode)
+  active_mw: float  # average while running inference
+  runtime: str
+  lut: str  # path as written in the profile (relative to the profile's directory)
+  sources: Mapping[str, str]
+  # {quantity: {op type: [coefficient per edgenas.energy.features.FEATURES]}}; empty until fitted
+  regressor: Mapping[str, Mapping[str, list]]
+  fit_quality: Mapping[str, Any]
+  calibration: Mapping[str, Any]
+  path: str = ""  # the profile file this was read from
+
+  @property
+  def lut_path(self) -> str:
+    return self.lut if os.path.isabs(self.lut) else os.path.join(os.path.dirname(self.path), self.lut)
+
+  def coefficients(self, quantity: str) -> dict[str, tuple[float, ...]]:
+    """Fitted per-op-type coefficients for `quantity`; raises when the profile has none."""
+    if quantity not in QUANTITIES:
+      raise EnergyModelError(f"unknown quantity {quantity!r}; expected one of {', '.join(QUANTITIES)}")
+    coefs = self.regressor.get(quantity)
+    if not coefs:
+      raise EnergyModelError(f"{self.path}: field 'regressor.{quantity}' is empty; fit the platform first "
+                             f"(python -m launch.profile --backend=fit --platform={self.name})")
+    return {op: tuple(float(c) for c in v) for op, v in coefs.items()}
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.pop("path")
+    d["sources"] = dict(self.sources)
+    return {"version": PLATFORM_VERSION, **d}
+
+
+def list_platforms() -> list[str]:
+  """Names of the profiles shipped with edgenas."""
+  return sorted(f[:-5] for f in os.listdir(PLATFORMS_DIR) if f.endswith(".json"))
+
+
+def platform_path(name_or_path: str) -> str:
+  if name_or_path.endswith(".json") or os.sep in name_or_path:
+    return name_or_path
+  path = os.path.join(PLATFORMS_DIR, f"{name_or_path}.json")
+  if not os.path.exists(path):
+    raise EnergyModelError(f"unknown platform {name_or_path!r}; shipped platforms: {', '.join(list_platforms())} "
+                           f"(or give the path of a profile .json)")
+  return path
+
+
+def load_platform(name_or_path: str = DEFAULT_PLATFORM) -> Platform:
+  """A shipped platform by name (see `list_platforms()`), or a profile JSON by path."""
+  path = platform_path(name_or_path)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise EnergyModelError(f"{path}: no such platform profile") from None
+  except json.JSONDecodeError as e:
+    raise EnergyModelError(f"{path}: not valid JSON ({e})") from None
+  return platform_from_dict(d, path)
+
+
+def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platform:
+  if not isinstance(d, Mapping):
+    raise EnergyModelError(f"{path}: expected a JSON object")
+
+  def need(key, kind):
+    if key not in d:
+      raise EnergyModelError(f"{path}: missing field '{key}'")
+    v = d[key]
+    if kind is float:
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise EnergyModelError(f"{path}: field '{key}' must be a finite number >= 0, got {v!r}")
+      return float(v)
+    if kind is int:
+      if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise EnergyModelError(f"{path}: field '{key}' must be a positive integer, got {v!r}")
+      return v
+    if not isinstance(v, kind):
+      raise EnergyModelError(f"{path}: field '{key}' must be a {kind.__name__}, got {type(v).__name__}")
+    return v
+
+  version = need("version", int)
+  if version != PLATFORM_VERSION:
+    raise EnergyModelError(f"{path}: unsupported 'version' {version}; this edgenas reads version {PLATFORM_VERSION}")
+  sources = need("sources", dict)
+  missing = [f for f in SOURCED_FIELDS if not str(sources.get(f, "")).strip()]
+  if missing:
+    raise EnergyModelError(f"{path}: field 'sources' gives no source for {', '.join(missing)}; every figure "
+                           f"needs its provenance")
+  regressor = d.get("regressor", {}) or {}
+  for quantity, coefs in regressor.items():
+    if quantity not in QUANTITIES:
+      raise EnergyModelError(f"{path}: field 'regressor.{quantity}' is not a quantity; expected "
+                             f"{', '.join(QUANTITIES)}")
+    for op, v in coefs.items():
+      where = f"{path}: field 'regressor.{quantity}.{op}'"
+      if op not in ops_lib.OP_TYPES:
+        raise EnergyModelError(f"{where}: unknown operator; expected one of {', '.join(ops_lib.OP_TYPES)}")
+      if (not isinstance(v, list) or len(v) != len(features_lib.FEATURES) or
+          not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in v)):
+        raise EnergyModelError(f"{where}: expected {len(features_lib.FEATURES)} non-negative coefficients "
+                               f"({', '.join(features_lib.FEATURES)}), got {v!r}")
+  clock = need("clock_mhz", float)
+  if clock <= 0:
+    raise EnergyModelError(f"{path}: field 'clock_mhz' must be positive, got {clock}")
+  return Platform(
+      name=need("name", str), description=str(d.get("description", "")), core=need("core", str),
+      isa=need("isa", str), clock_mhz=clock, sram_bytes=need("sram_bytes", int),
+      flash_bytes=need("flash_bytes", int), static_mw=need("static_mw", float),
+      active_mw=need("active_mw", float), runtime=need("runtime", str), lut=need("lut", str),
+      sources=dict(sources), regressor=regressor, fit_quality=d.get("fit_quality", {}) or {},
+      calibration=d.get("calibration", {}) or {}, path=path)
+
+
+def save_platform(platform: Platform, path: str | None = None) -> None:
+  """Writes atomically (a fit that crashes midway never leaves a broken profile)."""
+  path = path or platform.path
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(platform.to_dict(), f, indent=2)
+    f.write("\n")
+  os.replace(tmp, path)

@@ -1,0 +1,182 @@
+"""Per-platform cost regressor: non-negative per-op-type coefficients over `edgenas.ops.FEATURES`.
+
+    cost(op) = θ[op] · (executed macs, weight_bytes, activation_bytes, 1)
+
+fitted to a lookup table with non-negative least squares (every coefficient is a physical cost per MAC, per
+byte or per call, so none may be negative, and the model stays monotone in the channel counts the search
+shrinks). Rows are weighted by 1/cost so small and large operators count alike in relative terms (the sum over a
+network is what matters, and cheap operators are many).
+
+Prediction is plain `jax.numpy` arithmetic: `op_cost_fn(platform)` follows the op-cost convention of
+`edgenas.cost`, so `edgenas.cost.expected_cost(op_cost_fn(p), space, probs, gate_fracs)` is differentiable.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from scipy import optimize
+
+from edgenas import ops as ops_lib
+from edgenas.energy import features as features_lib
+from edgenas.energy import lut as lut_lib
+from edgenas.energy import platform as platform_lib
+from edgenas.energy.errors import EnergyModelError
+
+N_FEATURES = len(features_lib.FEATURES)
+WEIGHT_POWER = 0.25
+WEIGHT_FLOOR = 0.1  # x the op type's median cost
+_COLUMN = {"latency_ms": "latency_ms_mean", "energy_uj": "energy_uj"}
+
+
+def _targets(rows: Sequence[lut_lib.LutRow], quantity: str) -> np.ndarray:
+  if quantity not in _COLUMN:
+    raise EnergyModelError(f"unknown quantity {quantity!r}; expected one of {', '.join(_COLUMN)}")
+  return np.array([getattr(r, _COLUMN[quantity]) for r in rows], np.float64)
+
+
+def _features(rows: Sequence[lut_lib.LutRow], feature_fn=features_lib.cost_features) -> np.ndarray:
+  return np.array([feature_fn(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride) for r in rows],
+                  np.float64)
+
+
+def fit_op(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """NNLS coefficients for one op type, rows weighted by 1 / (cost + floor)^WEIGHT_POWER (see module doc).
+
+  Features are rescaled to unit maximum before solving so NNLS is well conditioned over columns that differ by
+  six orders of magnitude (MACs vs the constant).
+  """
+  floor = WEIGHT_FLOOR * float(np.median(targets)) + 1e-12
+  weights = (targets + floor) ** -WEIGHT_POWER
+  scale = np.maximum(np.abs(features).max(axis=0), 1e-12)
+  solution, _ = optimize.nnls(features / scale * weights[:, None], targets * weights)
+  return solution / scale
+
+
+def fit(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms",
+        feature_fn=features_lib.cost_features) -> dict[str, np.ndarray]:
+  """{op type: coefficients} for every op type present in `rows`."""
+  x, y = _features(rows, feature_fn), _targets(rows, quantity)
+  ops = np.array([r.op for r in rows])
+  return {op: fit_op(x[ops == op], y[ops == op]) for op in sorted(set(ops))}
+
+
+def predict_rows(coefs: Mapping[str, np.ndarray], rows: Sequence[lut_lib.LutRow],
+                 feature_fn=features_lib.cost_features) -> np.ndarray:
+  x = _features(rows, feature_fn)
+  return np.array([float(np.dot(_lookup(coefs, r.op), f)) for r, f in zip(rows, x)])
+
+
+def _lookup(coefs: Mapping[str, Sequence[float]], op: str):
+  try:
+    return coefs[op]
+  except KeyError:
+    raise EnergyModelError(f"no cost coefficients for operator {op!r}: the platform's table has no "
+                           f"{op} rows") from None
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
+  ss_res = float(np.sum((y - pred) ** 2))
+  ss_tot = float(np.sum((y - y.mean()) ** 2))
+  return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+
+
+def mape(y: np.ndarray, pred: np.ndarray) -> float:
+  keep = y > 0
+  return float(np.mean(np.abs(pred[keep] - y[keep]) / y[keep]) * 100.0)
+
+
+def kfold_quality(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms", folds: int = 5,
+                  seed: int = 0, feature_fn=features_lib.cost_features) -> dict:
+  """Held-out fit quality: each row is predicted by a model fitted without it (k-fold, per op type).
+
+  Returns overall R² (on the costs) and R² on log-costs (which weighs small operators like large ones), MAPE
+  over all rows and over the costlier half (the operators that dominate a network's sum; the cheapest rows are
+  a few microseconds on the host, where timer noise is of the order of the cost), and R²/MAPE per op type. An op type with fewer rows than folds is scored leave-one-out.
+  """
+  x, y = _features(rows, feature_fn), _targets(rows, quantity)
+  ops = np.array([r.op for r in rows])
+  pred = np.zeros_like(y)
+  rng = np.random.default_rng(seed)
+  for op in sorted(set(ops)):
+    idx = np.flatnonzero(ops == op)
+    idx = idx[rng.permutation(len(idx))]
+    k = min(folds, len(idx))
+    for fold in np.array_split(idx, k):
+      train = np.setdiff1d(idx, fold)
+      if len(train) == 0:
+        raise EnergyModelError(f"k-fold: operator {op!r} has a single row; at least two are needed")
+      pred[fold] = x[fold] @ fit_op(x[train], y[train])
+  per_op = {}
+  for op in sorted(set(ops)):
+    m = ops == op
+    per_op[op] = dict(rows=int(m.sum()), r2=_round(r2_score(y[m], pred[m])), mape_pct=_round(mape(y[m], pred[m])))
+  pos = (y > 0) & (pred > 0)
+  large = y >= np.median(y)
+  return dict(quantity=quantity, folds=folds, rows=len(rows), r2=_round(r2_score(y, pred)),
+              r2_log=_round(r2_score(np.log(y[pos]), np.log(pred[pos]))), mape_pct=_round(mape(y, pred)),
+              mape_pct_upper_half=_round(mape(y[large], pred[large])), per_op=per_op)
+
+
+def _round(v: float) -> float:
+  return float(f"{v:.4g}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prediction (JAX)
+
+
+def coefficient_matrix(coefs: Mapping[str, Sequence[float]]) -> jnp.ndarray:
+  """[len(OP_TYPES), N_FEATURES] in `edgenas.ops.OP_TYPES` order; op types the table lacks are NaN, so using
+  one is loud rather than free."""
+  m = np.full((len(ops_lib.OP_TYPES), N_FEATURES), np.nan, np.float32)
+  for i, op in enumerate(ops_lib.OP_TYPES):
+    if op in coefs:
+      m[i] = np.asarray(coefs[op], np.float32)
+  return jnp.asarray(m)
+
+
+def predict(coef_matrix: jnp.ndarray, op_index: jnp.ndarray, features: jnp.ndarray) -> jnp.ndarray:
+  """Cost of operators given their op-type index (into OP_TYPES) and feature vectors; pure and vmap-able."""
+  return jnp.sum(coef_matrix[op_index] * features, axis=-1)
+
+
+def op_cost_fn(platform: platform_lib.Platform | str, quantity: str = "energy_uj"):
+  """An `edgenas.cost` op-cost function: `op_cost(op, in_h, in_w, in_c, out_c, kernel, stride) -> scalar`
+  in `quantity` units (µJ or ms) on `platform`; differentiable in `in_c`/`out_c`."""
+  if isinstance(platform, str):
+    platform = platform_lib.load_platform(platform)
+  coefs = {op: jnp.asarray(c, jnp.float32) for op, c in platform.coefficients(quantity).items()}
+
+  def op_cost(op, in_h, in_w, in_c, out_c, kernel=1, stride=1):
+    theta = _lookup(coefs, op)
+    feats = features_lib.cost_features(op, in_h, in_w, in_c, out_c, kernel, stride)
+    return sum(theta[i] * feats[i] for i in range(N_FEATURES))
+
+  op_cost.__name__ = f"{platform.name}_{quantity}"
+  return op_cost
+
+
+def _nominal_features(*args):
+  """edgenas.ops.op_features with a zero window-taps column: the contract's features, for comparison."""
+  return tuple(ops_lib.op_features(*args)) + (0.0,)
+
+
+def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_lib.Platform:
+  """The platform with its regressor refitted on its own table and its k-fold fit quality recorded."""
+  import dataclasses
+  import datetime
+  rows = lut_lib.load_lut(platform.lut_path)
+  regressor, quality = {}, {}
+  for quantity in platform_lib.QUANTITIES:
+    regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(rows, quantity).items()}
+    quality[quantity] = kfold_quality(rows, quantity, folds)
+  nominal = kfold_quality(rows, "latency_ms", folds, feature_fn=_nominal_features)
+  quality["latency_ms_with_contract_features"] = {
+      k: nominal[k] for k in ("r2", "r2_log", "mape_pct", "mape_pct_upper_half")}
+  quality["method"] = (f"{folds}-fold cross-validation per op type on {os.path.basename(platform.lut_path)}: "
+                       "every row predicted by an NNLS fit that did not see it")
+  quality["fitted"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return dataclasses.replace(platform, regressor=regressor, fit_quality=quality)

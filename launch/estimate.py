@@ -1,0 +1,43 @@
+"""Predicted latency, energy, SRAM and flash of an int8 .tflite (or an arch.json) on a platform, as JSON.
+
+  python -m launch.estimate --platform=stm32l4r5_tflm --model=model.tflite --rate=1 --battery_mwh=2000
+"""
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from edgenas import space as space_lib
+from edgenas.energy import estimate
+from edgenas.energy import platform as platform_lib
+from edgenas.energy.errors import EnergyModelError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("platform", platform_lib.DEFAULT_PLATFORM,
+                    f"Platform name ({', '.join(platform_lib.list_platforms())}) or profile .json path.")
+flags.DEFINE_string("model", None, "An int8 .tflite file or an arch.json.", required=True)
+flags.DEFINE_float("rate", None, "Inferences per second, for the solution power P = P_static + rate x E.")
+flags.DEFINE_float("battery_mwh", None, "Battery capacity in mWh, for the battery life (needs --rate).")
+flags.DEFINE_boolean("per_operator", True, "Include the per-operator breakdown.")
+
+
+def main(argv):
+  del argv
+  try:
+    if FLAGS.model.endswith(".json"):
+      report = estimate.estimate_architecture(space_lib.Architecture.load(FLAGS.model), FLAGS.platform,
+                                              FLAGS.rate, FLAGS.battery_mwh)
+    else:
+      report = estimate.estimate_tflite(FLAGS.model, FLAGS.platform, FLAGS.rate, FLAGS.battery_mwh)
+  except (EnergyModelError, space_lib.SpaceError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if not FLAGS.per_operator:
+    report.pop("operators")
+  print(json.dumps(report, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
