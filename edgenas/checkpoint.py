@@ -13,7 +13,8 @@ What this layer adds to orbax:
     leaves differ instead of raising from deep inside orbax/tensorstore;
   - a guard that refuses to checkpoint a non-finite state, so a run that diverges keeps its last good checkpoint.
 
-Saves are asynchronous; `close()` (or leaving the `with` block) waits for them to finish.
+Saves are asynchronous; `close()` (or leaving the `with` block) waits for them to finish. In a multi-host run
+every process makes the same calls (orbax coordinates who writes what).
 """
 from __future__ import annotations
 
@@ -160,8 +161,9 @@ class Checkpointer:
   def restore_latest(self, target) -> Restored | None:
     """Restores the newest readable checkpoint into the structure of `target`; None if there is none.
 
-    `target` is the state as freshly initialised, or its abstract form (`jax.ShapeDtypeStruct`s with shardings):
-    it fixes the pytree types, dtypes and shardings of the result. Corrupt newer steps are warned about and
+    `target` is the state as freshly initialised (leaves come back as the same kinds: jax.Array with its
+    sharding, numpy array, Python scalar), or its abstract form (`jax.ShapeDtypeStruct`s; give them shardings
+    to get jax.Arrays back, else numpy arrays): it fixes the pytree types, dtypes and shardings of the result. Corrupt newer steps are warned about and
     moved aside. Raises CheckpointMismatchError if the checkpoint is of another structure, and CheckpointError
     if checkpoints exist but none is readable.
     """

@@ -7,6 +7,7 @@ overwrite a result it already finished. The helpers here enforce that:
   - `MetricsWriter` appends `metrics.jsonl` and, on resume, drops the lines an interrupted run wrote after its
     last checkpoint, so the file reads as if the run had never stopped;
   - `atomic_write_json` / `refuse_overwrite` write results (arch.json, report.json, ...) whole or not at all.
+In a multi-host run only process 0 should write files here (`jax.process_index() == 0`).
 """
 from __future__ import annotations
 
