@@ -1,0 +1,171 @@
+"""The derived, discrete network as a Flax module, and its BatchNorm-folded form.
+
+`Net(arch)` is what retraining trains: conv (no bias) -> BatchNorm -> ReLU6 everywhere, 1x1 convs written as
+Dense over the channel axis (cheap on CPU, vmappable), depthwise through `edgenas.nn.depthwise`.
+
+`fold_batchnorm` turns trained variables into per-operator (weight, bias) pairs exactly as the int8 model holds
+them, and `forward_folded` runs that folded network. Quantization-aware training and the exporter both go through
+`forward_folded`, so what QAT learns is what the exporter converts: the fold is written once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from edgenas import space as space_lib
+from edgenas.nn.depthwise import depthwise_conv
+
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-3
+
+
+def relu6(x):
+  return jnp.clip(x, 0.0, 6.0)
+
+
+def conv2d(x, w, stride: int):
+  """Regular SAME conv, NHWC/HWIO, as TFLite's CONV_2D."""
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def pointwise(x, w):
+  """1x1 conv as a matmul over channels."""
+  return jnp.einsum("nhwc,cd->nhwd", x, w)
+
+
+def global_avg_pool(x):
+  """Written as avg_pool over the whole map: it converts to AVERAGE_POOL_2D (CMSIS-NN accelerates it); a mean
+  would become SUM, whose LiteRT reference kernel is wrong."""
+  h, w = x.shape[1], x.shape[2]
+  return nn.avg_pool(x, (h, w), strides=(h, w), padding="VALID")[:, 0, 0, :]
+
+
+class ConvBN(nn.Module):
+  """One conv-type operator followed by BatchNorm. kind: "conv", "pointwise" or "depthwise"."""
+  kind: str
+  features: int
+  kernel: int = 1
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    cin = x.shape[-1]
+    init = nn.initializers.variance_scaling(2.0, "fan_out" if self.kind != "depthwise" else "fan_in", "normal")
+    if self.kind == "conv":
+      w = self.param("kernel", init, (self.kernel, self.kernel, cin, self.features))
+      y = conv2d(x, w, self.stride)
+    elif self.kind == "pointwise":
+      w = self.param("kernel", init, (cin, self.features))
+      y = pointwise(x, w)
+    elif self.kind == "depthwise":
+      w = self.param("kernel", init, (self.kernel, self.kernel, cin))
+      y = depthwise_conv(x, w, self.stride)
+    else:
+      raise ValueError(f"unknown conv kind {self.kind!r}")
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS, name="bn")(y)
+
+
+class Net(nn.Module):
+  arch: space_lib.Architecture
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    a = self.arch
+    x = relu6(ConvBN("conv", a.stem.channels, a.stem.kernel, a.stem.stride, name="stem")(x, train))
+    for i, l in enumerate(a.layers):
+      if l.op == space_lib.SKIP:
+        continue
+      inp = x
+      if l.expand:
+        x = relu6(ConvBN("pointwise", l.hidden, name=f"layers_{i}_expand")(x, train))
+      x = relu6(ConvBN("depthwise", l.hidden, l.kernel, l.stride, name=f"layers_{i}_dw")(x, train))
+      x = ConvBN("pointwise", l.out_channels, name=f"layers_{i}_project")(x, train)
+      if l.residual:
+        x = x + inp
+    if a.head_channels:
+      x = relu6(ConvBN("pointwise", a.head_channels, name="head")(x, train))
+    x = global_avg_pool(x)
+    return nn.Dense(a.num_classes, name="classifier")(x)
+
+
+def op_names(arch: space_lib.Architecture) -> list[str]:
+  """Names of the conv-type operators of `Net(arch)`, in execution order (keys of the folded params)."""
+  names = ["stem"]
+  for i, l in enumerate(arch.layers):
+    if l.op == space_lib.SKIP:
+      continue
+    if l.expand:
+      names.append(f"layers_{i}_expand")
+    names += [f"layers_{i}_dw", f"layers_{i}_project"]
+  if arch.head_channels:
+    names.append("head")
+  return names
+
+
+def fold_batchnorm(arch: space_lib.Architecture, variables) -> dict:
+  """{op name: {"w", "b"}} with BatchNorm's running statistics folded into each conv's weight and bias.
+
+  The output-channel axis is the last axis of every weight (HWIO, (Cin, Cout), (k, k, C)), so the per-channel
+  scale broadcasts the same way for all three kinds.
+  """
+  params, stats = variables["params"], variables["batch_stats"]
+  folded = {}
+  for name in op_names(arch):
+    bn_p, bn_s = params[name]["bn"], stats[name]["bn"]
+    scale = bn_p["scale"] / jnp.sqrt(bn_s["var"] + BN_EPS)
+    folded[name] = {"w": params[name]["kernel"] * scale, "b": bn_p["bias"] - bn_s["mean"] * scale}
+  folded["classifier"] = {"w": params["classifier"]["kernel"], "b": params["classifier"]["bias"]}
+  return folded
+
+
+WeightFn = Callable[[str, jnp.ndarray], jnp.ndarray]
+ActFn = Callable[[str, jnp.ndarray], jnp.ndarray]
+
+
+def forward_folded(arch: space_lib.Architecture, folded: dict, x, weight_fn: Optional[WeightFn] = None,
+                   act_fn: Optional[ActFn] = None):
+  """The BN-folded network. `weight_fn(name, w)` and `act_fn(name, y)` are hooks for fake quantization:
+  weights are passed per operator, activations at every tensor the int8 model materialises (the input, every
+  operator output after its fused ReLU6, every residual sum, the pooled vector and the logits)."""
+  wq = weight_fn or (lambda name, w: w)
+  aq = act_fn or (lambda name, y: y)
+
+  def op(name, x, kind, stride=1, act=True):
+    p = folded[name]
+    w = wq(name, p["w"])
+    if kind == "conv":
+      y = conv2d(x, w, stride)
+    elif kind == "pointwise":
+      y = pointwise(x, w)
+    else:
+      y = depthwise_conv(x, w, stride)
+    y = y + p["b"]
+    return aq(name, relu6(y) if act else y)
+
+  x = aq("input", x)
+  x = op("stem", x, "conv", arch.stem.stride)
+  for i, l in enumerate(arch.layers):
+    if l.op == space_lib.SKIP:
+      continue
+    inp = x
+    if l.expand:
+      x = op(f"layers_{i}_expand", x, "pointwise")
+    x = op(f"layers_{i}_dw", x, "depthwise", l.stride)
+    x = op(f"layers_{i}_project", x, "pointwise", act=False)
+    if l.residual:
+      x = aq(f"layers_{i}_add", x + inp)
+  if arch.head_channels:
+    x = op("head", x, "pointwise")
+  x = aq("pool", global_avg_pool(x))
+  p = folded["classifier"]
+  return aq("classifier", x @ wq("classifier", p["w"]) + p["b"])
+
+
+def init_net(arch: space_lib.Architecture, rng) -> dict:
+  """Variables of `Net(arch)`, initialised under jit (eager Flax init is slow for many layers)."""
+  net = Net(arch)
+  x = jnp.zeros((1,) + tuple(arch.input_shape), jnp.float32)
+  return jax.jit(lambda r: net.init(r, x, train=False))(rng)

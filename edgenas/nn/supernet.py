@@ -1,0 +1,232 @@
+"""The supernet: sparse-gated Flax blocks, one mixed op per searchable layer.
+
+Architecture parameters are *not* Flax params: the supernet's `__call__` takes them as an argument
+(`ArchParams`: one logit vector α per layer, and per expanding candidate a vector of channel-gate logits), so the
+weight optimizer and the architecture optimizer see disjoint pytrees and second-order DARTS can differentiate
+through either.
+
+Relaxations of a mixed op (chosen by config):
+- "softmax" (DARTS): every candidate runs, outputs mixed by softmax(α).
+- "gumbel" (GDAS/FBNet): a straight-through hard Gumbel-softmax sample picks one candidate and `nn.switch` runs only
+  that one; α gets its gradient through the relaxed sample's weight on the chosen path.
+- "sigmoid" (FairDARTS): every candidate runs, outputs mixed by independent sigmoid(α); a zero-one loss pushes
+  each weight to 0 or 1.
+
+Channel gates (hard-concrete / L0, Louizos et al. 2018) sit on the expanded channels of each expanding candidate,
+one gate per `gate_group` channels. BatchNorm in the supernet normalises with batch statistics only (as in DARTS
+search): candidates that rarely run would otherwise carry stale running statistics.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from edgenas import space as space_lib
+from edgenas.nn.depthwise import depthwise_conv
+from edgenas.nn.model import conv2d, global_avg_pool, pointwise, relu6
+
+RELAXATIONS = ("softmax", "gumbel", "sigmoid")
+
+# Hard-concrete stretch interval and temperature (Louizos et al. 2018, Sec. 4).
+HC_GAMMA, HC_ZETA, HC_BETA = -0.1, 1.1, 2.0 / 3.0
+GATE_INIT_LOGIT = 3.0  # gates start almost surely open: the search decides what to remove
+
+
+# {"alpha": [(n_candidates,) logits per slot], "gate": (n_gates,) logits of every channel gate in the network}.
+# The gates of all candidates share one flat vector (see `gate_layout`) so that no leaf is empty.
+ArchParams = dict
+
+
+def n_gate_groups(slot: space_lib.LayerSlot, cand: space_lib.Candidate, gate_group: int) -> int:
+  """Gated candidates are the expanding MBConvs; the others have no gates."""
+  if cand.op != space_lib.MBCONV or cand.expansion == 1:
+    return 0
+  return math.ceil(slot.hidden_max(cand) / gate_group)
+
+
+def gate_layout(space: space_lib.SearchSpace) -> list[list[tuple[int, int]]]:
+  """Per slot, per candidate: (offset, count) of its gates in the flat gate vector."""
+  layout, offset = [], 0
+  for slot in space.slots():
+    row = []
+    for cand in slot.candidates:
+      n = n_gate_groups(slot, cand, space.gate_group)
+      row.append((offset, n))
+      offset += n
+    layout.append(row)
+  return layout
+
+
+def init_arch_params(space: space_lib.SearchSpace) -> ArchParams:
+  """α = 0 (uniform) and every gate nearly open."""
+  n_gates = sum(n for row in gate_layout(space) for _, n in row)
+  return {"alpha": [jnp.zeros((len(slot.candidates),), jnp.float32) for slot in space.slots()],
+          "gate": jnp.full((max(1, n_gates),), GATE_INIT_LOGIT, jnp.float32)}
+
+
+def candidate_gates(space: space_lib.SearchSpace, arch: ArchParams) -> list[list]:
+  """Per slot, per candidate: its gate logits, or None for an ungated candidate."""
+  return [[arch["gate"][o:o + n] if n else None for o, n in row] for row in gate_layout(space)]
+
+
+def gate_open_prob(log_alpha):
+  """P(gate > 0) of a hard-concrete gate: the expected open fraction the cost model sees."""
+  return jax.nn.sigmoid(log_alpha - HC_BETA * math.log(-HC_GAMMA / HC_ZETA))
+
+
+def gate_sample(log_alpha, rng):
+  """A hard-concrete sample in [0, 1] with exact zeros and ones; reparameterised in log_alpha."""
+  u = jax.random.uniform(rng, log_alpha.shape, minval=1e-6, maxval=1.0 - 1e-6)
+  s = jax.nn.sigmoid((jnp.log(u) - jnp.log1p(-u) + log_alpha) / HC_BETA)
+  return jnp.clip(s * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0)
+
+
+def gate_deterministic(log_alpha):
+  """The test-time gate of Louizos et al.: the stretched, clipped sigmoid."""
+  return jnp.clip(jax.nn.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0)
+
+
+def candidate_probs(alpha, relaxation: str):
+  """What the cost model and derivation treat as the probability of each candidate."""
+  if relaxation == "sigmoid":
+    w = jax.nn.sigmoid(alpha)
+    return w / jnp.sum(w)
+  return jax.nn.softmax(alpha)
+
+
+def gate_fractions(space: space_lib.SearchSpace, arch: ArchParams) -> list:
+  """Per slot, per candidate: the expected open fraction of its expanded channels (1 for ungated ones)."""
+  return [jnp.stack([jnp.mean(gate_open_prob(g)) if g is not None else jnp.ones(()) for g in row])
+          for row in candidate_gates(space, arch)]
+
+
+class BatchStatNorm(nn.Module):
+  """BatchNorm with batch statistics only and a learned affine."""
+  eps: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return y * self.param("scale", nn.initializers.ones, (c,)) + self.param("bias", nn.initializers.zeros, (c,))
+
+
+class MBConvCandidate(nn.Module):
+  """Inverted residual block; its expanded channels are multiplied by `gate` (one value per gate group)."""
+  out_channels: int
+  kernel: int
+  expansion: int
+  stride: int
+  residual: bool
+  gate_group: int
+
+  @nn.compact
+  def __call__(self, x, gate):
+    cin = x.shape[-1]
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    h = x
+    if self.expansion != 1:
+      hidden = cin * self.expansion
+      h = pointwise(h, self.param("expand", init, (cin, hidden)))
+      h = relu6(BatchStatNorm(name="expand_bn")(h))
+      mask = jnp.repeat(gate, self.gate_group)[:hidden]
+      h = h * mask
+    hidden = h.shape[-1]
+    dw = self.param("dw", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), (self.kernel, self.kernel,
+                                                                                        hidden))
+    h = relu6(BatchStatNorm(name="dw_bn")(depthwise_conv(h, dw, self.stride)))
+    h = pointwise(h, self.param("project", init, (hidden, self.out_channels)))
+    h = BatchStatNorm(name="project_bn")(h)
+    return h + x if self.residual else h
+
+
+class MixedOp(nn.Module):
+  slot: space_lib.LayerSlot
+  gate_group: int
+  relaxation: str
+
+  def setup(self):
+    self.cands = [
+        MBConvCandidate(self.slot.out_channels, c.kernel, c.expansion, self.slot.stride, self.slot.residual_ok,
+                        self.gate_group, name=f"cand_{j}_{c.name}") if c.op == space_lib.MBCONV else None
+        for j, c in enumerate(self.slot.candidates)
+    ]
+
+  def _run(self, j, x, gates):
+    cand = self.cands[j]
+    return x if cand is None else cand(x, gates[j])
+
+  def __call__(self, x, alpha, gates, train: bool, tau):
+    n = len(self.cands)
+    if self.is_initializing():  # every branch must create its parameters
+      return sum(self._run(j, x, gates) for j in range(n)) / n
+    if self.relaxation == "gumbel":
+      if train:
+        g = jax.random.gumbel(self.make_rng("gumbel"), alpha.shape)
+        soft = jax.nn.softmax((alpha + g) / tau)
+      else:
+        soft = jax.nn.softmax(alpha)
+      idx = jnp.argmax(soft)
+      weight = 1.0 - jax.lax.stop_gradient(soft[idx]) + soft[idx]  # straight-through: value 1, gradient of soft
+      branches = [lambda mdl, x, gates, j=j: mdl._run(j, x, gates) for j in range(n)]
+      return weight * nn.switch(idx, branches, self, x, gates)
+    w = jax.nn.softmax(alpha) if self.relaxation == "softmax" else jax.nn.sigmoid(alpha)
+    return sum(w[j] * self._run(j, x, gates) for j in range(n))
+
+
+class Supernet(nn.Module):
+  space: space_lib.SearchSpace
+  relaxation: str = "softmax"
+
+  @nn.compact
+  def __call__(self, x, arch: ArchParams, train: bool = True, tau=1.0):
+    s = self.space
+    w = self.param("stem", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                   (s.stem_kernel, s.stem_kernel, x.shape[-1], s.stem_channels))
+    x = relu6(BatchStatNorm(name="stem_bn")(conv2d(x, w, s.stem_stride)))
+    if train and not self.is_initializing():  # one hard-concrete sample for every gate of the network
+      gate_values = gate_sample(arch["gate"], self.make_rng("gates"))
+    else:
+      gate_values = gate_deterministic(arch["gate"])
+    for i, (slot, row) in enumerate(zip(s.slots(), gate_layout(s))):
+      gates = [gate_values[o:o + n] if n else None for o, n in row]
+      x = MixedOp(slot, s.gate_group, self.relaxation, name=f"layer_{i}")(x, arch["alpha"][i], gates, train, tau)
+    if s.head_channels:
+      x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                                  (x.shape[-1], s.head_channels)))
+      x = relu6(BatchStatNorm(name="head_bn")(x))
+    x = global_avg_pool(x)
+    return nn.Dense(s.num_classes, name="classifier")(x)
+
+
+def zero_one_loss(arch: ArchParams) -> jnp.ndarray:
+  """FairDARTS's regulariser: -mean((σ(α) - 0.5)²), minimised when every weight is 0 or 1."""
+  sig = jnp.concatenate([jax.nn.sigmoid(a) for a in arch["alpha"]])
+  return -jnp.mean(jnp.square(sig - 0.5))
+
+
+def derive(space: space_lib.SearchSpace, arch: ArchParams, relaxation: str, name: str = ""
+           ) -> space_lib.Architecture:
+  """The discrete network: the most probable candidate per layer (argmax of α, which is also the argmax of
+  σ(α) for FairDARTS) and, inside it, the channels whose deterministic gate is open (> 0.5), rounded up to the
+  space's channel divisor and never above the candidate's width."""
+  del relaxation  # every relaxation's selection rule is argmax α; kept in the signature for clarity
+  choices, hidden = [], []
+  for slot, alpha, gates in zip(space.slots(), arch["alpha"], candidate_gates(space, arch)):
+    j = int(jnp.argmax(alpha))
+    cand = slot.candidates[j]
+    choices.append(j)
+    g = gates[j]
+    if g is not None:
+      hmax = slot.hidden_max(cand)
+      open_groups = int(jnp.sum(gate_deterministic(g) > 0.5))
+      hidden.append(min(hmax, space.round_channels(open_groups * space.gate_group)))
+    else:
+      hidden.append(0)
+  return space.architecture(choices, hidden, name=name)

@@ -1,0 +1,187 @@
+"""The DARTS bilevel objective: losses, cost penalties, and the jit-compiled weight and architecture steps.
+
+Weights w minimise the task loss on the train split; architecture parameters (α and channel-gate logits) minimise
+task loss plus a cost penalty on a held-out validation split. First order uses ∇_α L_val(w, α). Second order
+differentiates through one virtual weight step w' = w − ξ∇_w L_train(w, α):
+
+    ∇_α L_val(w', α) − ξ · ∇²_{α,w} L_train(w, α) · ∇_{w'} L_val(w', α)
+
+where the mixed second-derivative-vector product is computed exactly, forward-over-reverse, as the JVP of
+∇_α L_train along the direction ∇_{w'} L_val (DARTS approximates it by finite differences).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from edgenas import cost as cost_lib
+from edgenas import space as space_lib
+from edgenas.nn import supernet as supernet_lib
+
+PENALTIES = ("none", "additive", "multiplicative", "target")
+
+
+@flax.struct.dataclass
+class SearchState:
+  step: jnp.ndarray
+  weights: Any
+  arch: Any
+  w_opt: Any
+  a_opt: Any
+  rng: jnp.ndarray
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  onehot = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    onehot = optax.smooth_labels(onehot, label_smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
+
+
+def cost_penalty(ce, cost, cfg) -> jnp.ndarray:
+  """The task loss with the configured cost penalty.
+
+  additive:        CE + λ·E/E_ref
+  multiplicative:  CE·(log E / log T)^β   (FBNet / ProxylessNAS)
+  target:          CE + λ·|E/T − 1|       (TuNAS)
+  """
+  form = cfg.penalty
+  if form == "none" or (form == "additive" and cfg.lam == 0):
+    return ce
+  if form == "additive":
+    return ce + cfg.lam * cost / cfg.cost_ref
+  if form == "multiplicative":
+    return ce * jnp.power(jnp.log(cost) / jnp.log(cfg.target), cfg.beta)
+  if form == "target":
+    return ce + cfg.lam * jnp.abs(cost / cfg.target - 1.0)
+  raise ValueError(f"unknown penalty form {form!r}; expected one of {PENALTIES}")
+
+
+def memory_hinge(mem, cfg) -> jnp.ndarray:
+  """μ·max(0, M/budget − 1): zero inside the budget, linear outside it."""
+  if not cfg.memory_weight or not cfg.memory_budget:
+    return jnp.zeros(())
+  return cfg.memory_weight * jax.nn.relu(mem / cfg.memory_budget - 1.0)
+
+
+class Objective:
+  """Builds the loss functions and steps for one search space, relaxation and cost model."""
+
+  def __init__(self, space: space_lib.SearchSpace, cfg, op_cost: cost_lib.OpCost, memory_fn: Callable | None,
+               w_tx: optax.GradientTransformation, a_tx: optax.GradientTransformation):
+    self.space, self.cfg = space, cfg
+    self.relaxation = cfg.relaxation
+    self.model = supernet_lib.Supernet(space, cfg.relaxation)
+    self.op_cost, self.memory_fn = op_cost, memory_fn
+    self.w_tx, self.a_tx = w_tx, a_tx
+
+  # ---- pieces
+  def probs(self, arch):
+    return [supernet_lib.candidate_probs(a, self.relaxation) for a in arch["alpha"]]
+
+  def expected_cost(self, arch):
+    return cost_lib.expected_cost(self.op_cost, self.space, self.probs(arch),
+                                  supernet_lib.gate_fractions(self.space, arch))
+
+  def expected_memory(self, arch):
+    if self.memory_fn is None:
+      return jnp.zeros(())
+    return self.memory_fn(self.space, self.probs(arch), supernet_lib.gate_fractions(self.space, arch))
+
+  def logits(self, weights, arch, images, rng, train: bool, tau):
+    g_rng, h_rng = jax.random.split(rng)
+    return self.model.apply({"params": weights}, images, arch, train=train, tau=tau,
+                            rngs={"gumbel": g_rng, "gates": h_rng})
+
+  def task_loss(self, weights, arch, batch, rng, tau):
+    logits = self.logits(weights, arch, batch["image"], rng, True, tau)
+    ce = cross_entropy(logits, batch["label"])
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return ce, acc
+
+  def arch_loss(self, weights, arch, batch, rng, tau):
+    ce, acc = self.task_loss(weights, arch, batch, rng, tau)
+    energy = self.expected_cost(arch)
+    mem = self.expected_memory(arch)
+    loss = cost_penalty(ce, energy, self.cfg) + memory_hinge(mem, self.cfg)
+    if self.relaxation == "sigmoid":
+      loss = loss + self.cfg.zero_one_weight * supernet_lib.zero_one_loss(arch)
+    return loss, dict(val_ce=ce, val_acc=acc, expected_cost=energy, expected_memory=mem)
+
+  # ---- steps (pure; the caller jits them)
+  def weight_step(self, state: SearchState, batch, tau):
+    rng, step_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    (ce, acc), grads = jax.value_and_grad(self.task_loss, has_aux=True)(state.weights, state.arch, batch,
+                                                                          step_rng, tau)
+    updates, w_opt = self.w_tx.update(grads, state.w_opt, state.weights)
+    weights = optax.apply_updates(state.weights, updates)
+    metrics = dict(train_ce=ce, train_acc=acc, grad_norm=optax.global_norm(grads))
+    return state.replace(weights=weights, w_opt=w_opt, step=state.step + 1), metrics
+
+  def arch_grad(self, state: SearchState, train_batch, val_batch, tau, xi):
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    r_val, r_train = jax.random.split(rng)
+    if not self.cfg.second_order:
+      (_, aux), g = jax.value_and_grad(self.arch_loss, argnums=1, has_aux=True)(state.weights, state.arch,
+                                                                               val_batch, r_val, tau)
+      return g, aux
+
+    def train_ce(w, a):
+      return self.task_loss(w, a, train_batch, r_train, tau)[0]
+
+    w_grad = jax.grad(train_ce)(state.weights, state.arch)
+    w_virtual = jax.tree.map(lambda w, g: w - xi * g, state.weights, w_grad)
+    (_, aux), (gw, ga) = jax.value_and_grad(self.arch_loss, argnums=(0, 1), has_aux=True)(
+        w_virtual, state.arch, val_batch, r_val, tau)
+    # d/dε ∇_α L_train(w + ε·gw, α) at ε = 0: the exact Hessian-vector product, forward over reverse.
+    grad_a_train = lambda w: jax.grad(train_ce, argnums=1)(w, state.arch)
+    _, hvp = jax.jvp(grad_a_train, (state.weights,), (gw,))
+    return jax.tree.map(lambda a, h: a - xi * h, ga, hvp), aux
+
+  def arch_step(self, state: SearchState, train_batch, val_batch, tau, xi):
+    grads, aux = self.arch_grad(state, train_batch, val_batch, tau, xi)
+    updates, a_opt = self.a_tx.update(grads, state.a_opt, state.arch)
+    arch = optax.apply_updates(state.arch, updates)
+    aux["alpha_entropy"] = alpha_entropy(self.probs(arch))
+    return state.replace(arch=arch, a_opt=a_opt), aux
+
+  def eval_step(self, state: SearchState, batch):
+    logits = self.logits(state.weights, state.arch, batch["image"], state.rng, False, 1.0)
+    return jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+
+  def init_state(self, rng, sample_images) -> SearchState:
+    init_rng, state_rng = jax.random.split(rng)
+    arch = supernet_lib.init_arch_params(self.space)
+    weights = self.model.init({"params": init_rng}, sample_images, arch, train=False)["params"]
+    return SearchState(step=jnp.zeros((), jnp.int32), weights=weights, arch=arch, w_opt=self.w_tx.init(weights),
+                       a_opt=self.a_tx.init(arch), rng=state_rng)
+
+
+def alpha_entropy(probs) -> jnp.ndarray:
+  """Mean entropy (nats) of the per-layer candidate distributions: how undecided the search still is."""
+  return jnp.mean(jnp.stack([-jnp.sum(p * jnp.log(p + 1e-12)) for p in probs]))
+
+
+def weight_lr_schedule(cfg, total_steps: int) -> optax.Schedule:
+  """Cosine decay from lr to lr_min; second-order DARTS also uses it as the virtual step size ξ."""
+  return optax.cosine_decay_schedule(cfg.lr, max(1, total_steps), alpha=cfg.lr_min / cfg.lr)
+
+
+def weight_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+  """SGD + momentum with a cosine schedule by default (DARTS), gradient clipping, decoupled L2."""
+  lr = weight_lr_schedule(cfg, total_steps)
+  if cfg.optimizer == "sgd":
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.add_decayed_weights(cfg.weight_decay),
+                       optax.sgd(lr, momentum=cfg.momentum, nesterov=True))
+  if cfg.optimizer == "adamw":
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(lr, weight_decay=cfg.weight_decay))
+  raise ValueError(f"config.weights.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+
+def arch_optimizer(cfg) -> optax.GradientTransformation:
+  """Adam on α and gate logits (DARTS: lr 3e-4, β1 0.5, weight decay 1e-3)."""
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2))

@@ -1,0 +1,243 @@
+"""The search loop: data, supernet, bilevel steps, checkpoints, metrics, and derivation of `arch.json`.
+
+One readable loop (`run_search`). Per step: an architecture step on a validation batch (after the warm-up epochs),
+then a weight step on a train batch, both jit-compiled once and data-parallel over the device mesh. The run
+directory holds the resolved config, orbax checkpoints, `metrics.jsonl`, `arch.json` and `search.json`; a run
+started again on the same workdir resumes from its latest good checkpoint and ends where an uninterrupted run
+would, because every random draw and every batch is a function of (seed, step).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from edgenas import checkpoint as ckpt_lib
+from edgenas import cost as cost_lib
+from edgenas import data as data_lib
+from edgenas import objective as objective_lib
+from edgenas import parallel
+from edgenas import rundir
+from edgenas import space as space_lib
+from edgenas.nn import supernet as supernet_lib
+
+ARCH_FILE = "arch.json"
+RESULT_FILE = "search.json"
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+class SearchConfigError(ValueError):
+  pass
+
+
+def say(line: str) -> None:
+  """User-facing progress on stdout (absl INFO is full of orbax's own chatter)."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cost model
+
+
+def resolve_cost_model(config) -> tuple[cost_lib.OpCost, Any, str]:
+  """(op cost function, memory surrogate or None, description) from `config.cost`.
+
+  `cost.model = "energy"` prices operators with the platform's fitted per-operator energy regressor (µJ);
+  `"latency"` with its latency regressor (ms); `"macs"` is the hardware-agnostic stand-in.
+  """
+  c = config.cost
+  memory_fn = None
+  if c.get("memory_budget", 0):
+    from edgenas.energy import memory as memory_lib
+    memory_fn = lambda space, probs, fracs: memory_lib.expected_memory(space, probs, fracs)[0]
+  if c.model == "macs":
+    return cost_lib.mac_cost, memory_fn, "MACs (stand-in, not energy)"
+  if c.model in ("energy", "latency"):
+    from edgenas.energy import regressor
+    quantity = "energy_uj" if c.model == "energy" else "latency_ms"
+    return regressor.op_cost_fn(c.platform, quantity), memory_fn, f"{c.model} on {c.platform} ({quantity})"
+  raise SearchConfigError(f"config.cost.model must be 'energy', 'latency' or 'macs', got {c.model!r}")
+
+
+def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
+  s, c = config.search, config.cost
+  if s.relaxation not in supernet_lib.RELAXATIONS:
+    raise SearchConfigError(f"config.search.relaxation must be one of {supernet_lib.RELAXATIONS}, got "
+                            f"{s.relaxation!r}")
+  if c.penalty not in objective_lib.PENALTIES:
+    raise SearchConfigError(f"config.cost.penalty must be one of {objective_lib.PENALTIES}, got {c.penalty!r}")
+  if c.lam < 0:
+    raise SearchConfigError(f"config.cost.lam must be >= 0, got {c.lam}")
+  if c.penalty in ("multiplicative", "target") and not c.target > 0:
+    raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
+  if c.penalty == "multiplicative" and c.target <= 1:
+    raise SearchConfigError("config.cost.target must be > 1 (in the cost model's unit) for the multiplicative "
+                            "penalty, whose log(T) would otherwise be <= 0")
+  return ml_collections.ConfigDict(dict(
+      relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
+      penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
+      memory_weight=float(c.get("memory_weight", 0.0)), memory_budget=float(c.get("memory_budget", 0))))
+
+
+def tau_at(step: int, total: int, s) -> float:
+  """Gumbel temperature, annealed exponentially from tau_max to tau_min over the run."""
+  frac = step / max(1, total - 1)
+  return float(s.tau_max * (s.tau_min / s.tau_max) ** frac)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def build(config, dataset: data_lib.Dataset):
+  """Search space, objective and the numbers of steps, from a config and its data."""
+  space_cfg = dict(config.space)
+  space_cfg.setdefault("input_shape", dataset.input_shape)
+  space_cfg.setdefault("num_classes", dataset.num_classes)
+  if tuple(space_cfg["input_shape"]) != tuple(dataset.input_shape):
+    raise SearchConfigError(f"config.space.input_shape {tuple(space_cfg['input_shape'])} does not match the "
+                            f"dataset's {dataset.input_shape}")
+  space = space_lib.SearchSpace.from_config(space_cfg)
+  s = config.search
+  parallel.check_batch_size(s.batch_size)
+  steps_per_epoch = len(dataset.train) // s.batch_size
+  if steps_per_epoch < 1 or len(dataset.val) < s.batch_size:
+    raise SearchConfigError(f"config.search.batch_size {s.batch_size} is larger than the train ({len(dataset.train)})"
+                            f" or validation ({len(dataset.val)}) split")
+  total = s.epochs * steps_per_epoch
+  if s.get("max_steps", 0):
+    total = min(total, s.max_steps)
+  warmup = s.warmup_epochs * steps_per_epoch
+  op_cost, memory_fn, cost_desc = resolve_cost_model(config)
+  uniform = supernet_lib.init_arch_params(space)
+  probs = [supernet_lib.candidate_probs(a, s.relaxation) for a in uniform["alpha"]]
+  cost_ref = float(cost_lib.expected_cost(op_cost, space, probs, supernet_lib.gate_fractions(space, uniform)))
+  obj = objective_lib.Objective(space, objective_config(config, cost_ref), op_cost, memory_fn,
+                                objective_lib.weight_optimizer(config.weights, total),
+                                objective_lib.arch_optimizer(config.arch))
+  return space, obj, dict(total=total, warmup=warmup, steps_per_epoch=steps_per_epoch, cost_ref=cost_ref,
+                          cost_model=cost_desc)
+
+
+def load_data(config) -> data_lib.Dataset:
+  size = config.get("image_size", 0) or None
+  return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                               val_fraction=config.val_fraction, seed=config.seed, image_size=size)
+
+
+def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) -> float:
+  """Supernet accuracy on a split (deterministic path; full batches only, since BN uses batch statistics)."""
+  n = (len(split) // batch_size) * batch_size
+  shard, num_shards = parallel.process_shard()
+  rows = data_lib.shard_slice(batch_size, shard, num_shards)
+  correct = 0
+  for i in range(0, n, batch_size):
+    local = {"image": split.images[i:i + batch_size][rows], "label": split.labels[i:i + batch_size][rows]}
+    correct += int(eval_fn(state, parallel.global_batch(local, mesh)))
+  return correct / max(1, n)
+
+
+def run_search(config, workdir: str) -> dict:
+  """Searches, derives and writes `arch.json` + `search.json` in `workdir`; returns the result record."""
+  arch_path, result_path = os.path.join(workdir, ARCH_FILE), os.path.join(workdir, RESULT_FILE)
+  rundir.prepare_workdir(workdir, config)
+  if os.path.exists(result_path) and os.path.exists(arch_path):
+    say(f"{workdir}: search already finished; not running it again (use a new --workdir to search anew)")
+    return rundir.read_json(result_path)
+
+  t_start = time.time()
+  dataset = load_data(config)
+  space, obj, plan = build(config, dataset)
+  s = config.search
+  total, warmup = plan["total"], plan["warmup"]
+  mesh = parallel.make_mesh()
+  shard, num_shards = parallel.process_shard()
+  train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, config.seed, shard, num_shards)
+  val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, config.seed + 1, shard, num_shards)
+  say(f"search: {len(space.slots())} layers, up to {space.max_candidates()} candidates each, relaxation "
+      f"{s.relaxation}, cost model {plan['cost_model']}, {total} steps ({warmup} warm-up), "
+      f"{jax.device_count()} device(s)")
+
+  repl = parallel.replicated(mesh)
+  init_fn = jax.jit(obj.init_state, out_shardings=repl)
+  state = init_fn(jax.random.PRNGKey(config.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
+  weight_step = jax.jit(obj.weight_step, out_shardings=(repl, repl), donate_argnums=0)
+  arch_step = jax.jit(obj.arch_step, out_shardings=(repl, repl), donate_argnums=0)
+  eval_fn = jax.jit(obj.eval_step)
+  lr_at = objective_lib.weight_lr_schedule(config.weights, total)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
+                               keep=config.keep_checkpoints)
+  start = 0
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, start = restored.state, restored.step + 1
+    say(f"resuming from checkpoint step {restored.step}")
+  metrics = rundir.MetricsWriter(os.path.join(workdir, rundir.METRICS_FILE),
+                                 resume_step=restored.step if restored else -1)
+  progress = rundir.Progress(total, batch_size=s.batch_size, every_steps=config.log_every, start_step=start,
+                             log=say)
+  t_loop = time.time()
+  try:
+    for step in range(start, total):
+      tau = jnp.float32(tau_at(step, total, s))
+      tb = parallel.global_batch(dict(zip(("image", "label"), train_stream.batch_at(step))), mesh)
+      record = {}
+      if step >= warmup:  # DARTS order: α first, on validation data, then w
+        vb = parallel.global_batch(dict(zip(("image", "label"), val_stream.batch_at(step))), mesh)
+        state, a_metrics = arch_step(state, tb, vb, tau, jnp.float32(lr_at(step)))
+        record.update(a_metrics)
+      state, w_metrics = weight_step(state, tb, tau)
+      record.update(w_metrics)
+      record = {k: float(v) for k, v in record.items()}
+      bad = [k for k in ("train_ce", "val_ce", "expected_cost") if k in record and not math.isfinite(record[k])]
+      if bad:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{workdir}: {', '.join(bad)} became {record[bad[0]]} at step {step}; stopping. The last good "
+            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.weights.lr or "
+            f"config.arch.lr, or the penalty weight config.cost.lam.")
+      epoch_end = (step + 1) % plan["steps_per_epoch"] == 0 or step + 1 == total
+      if epoch_end:
+        record["val_acc_supernet"] = evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)
+      if epoch_end or (step + 1) % config.log_every == 0:
+        record.update(epoch=step // plan["steps_per_epoch"], tau=float(tau))
+        metrics.write(step, record)
+      line = progress.update(step)
+      if line and "val_acc_supernet" in record:
+        say(f"  val acc (supernet) {record['val_acc_supernet']:.4f}  expected cost "
+            f"{record.get('expected_cost', float('nan')):.4g}")
+      ckpt.save(step, state, {"step": step})
+    if total > 0:
+      ckpt.save(total - 1, state, {"step": total - 1}, force=True)
+  finally:
+    ckpt.close()
+    metrics.close()
+  t_end = time.time()
+
+  arch = supernet_lib.derive(space, jax.device_get(state.arch), s.relaxation, name=config.get("name", ""))
+  val_acc = evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)
+  derived_cost = float(cost_lib.architecture_cost(obj.op_cost, arch))
+  result = dict(
+      arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=val_acc,
+      expected_cost=float(obj.expected_cost(state.arch)), derived_cost=derived_cost, cost_model=plan["cost_model"],
+      cost_ref=plan["cost_ref"], steps=total, relaxation=s.relaxation,
+      probs=[np.asarray(p).round(4).tolist() for p in obj.probs(jax.device_get(state.arch))],
+      candidates=[[c.name for c in slot.candidates] for slot in space.slots()],
+      seconds=dict(total=t_end - t_start, loop=t_end - t_loop), devices=jax.device_count())
+  if jax.process_index() == 0:
+    arch.save(arch_path)
+    rundir.atomic_write_json(result_path, result)
+  say(f"derived {arch.hash()}: {' '.join(arch.summary()['layers'])}  ({arch.macs()} MACs, {arch.params()} params)"
+      f"; written to {arch_path}")
+  return result

@@ -1,0 +1,58 @@
+"""The embedded default: search on scikit-learn's handwritten digits (8x8x1, 10 classes) for the default platform.
+
+Sized so that search + derive finishes in about 3 minutes on 2 CPU cores, and the whole pipeline in 10.
+Override any field from the command line, e.g. `--config.cost.lam=0.3 --config.search.relaxation=softmax`.
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.name = "digits"
+  c.seed = 0
+  c.dataset = "digits"
+  c.data_dir = ""  # only for tfds:<name> datasets
+  c.image_size = 0  # 0: keep the dataset's size
+  c.val_fraction = 0.2  # of the training data, held out for the architecture step
+
+  c.space = ml_collections.ConfigDict(dict(
+      stem=dict(channels=16, kernel=3, stride=1),
+      stages=[dict(layers=2, channels=16, stride=1), dict(layers=2, channels=32, stride=2)],
+      kernels=(3, 5, 7),
+      expansions=(1, 3, 6),
+      allow_skip=True,
+      gate_group=4,  # expanded channels per channel gate
+      channel_divisor=4,  # derived channel counts are rounded up to a multiple of this
+      head_channels=0,
+  ))
+
+  c.search = ml_collections.ConfigDict(dict(
+      relaxation="gumbel",  # softmax | gumbel | sigmoid
+      epochs=30,
+      warmup_epochs=8,
+      batch_size=64,
+      max_steps=0,  # > 0 caps the number of steps (smoke tests)
+      second_order=False,
+      tau_max=5.0,
+      tau_min=0.5,
+      zero_one_weight=10.0,  # FairDARTS regulariser, sigmoid relaxation only
+  ))
+  c.weights = ml_collections.ConfigDict(dict(optimizer="sgd", lr=0.05, lr_min=1e-3, momentum=0.9,
+                                             weight_decay=3e-4, grad_clip=5.0))
+  c.arch = ml_collections.ConfigDict(dict(lr=6e-3, b1=0.5, b2=0.999, weight_decay=1e-3))
+
+  c.cost = ml_collections.ConfigDict(dict(
+      model="energy",  # energy | latency | macs
+      platform="stm32l4r5_tflm",
+      penalty="additive",  # none | additive | multiplicative | target
+      lam=0.0,
+      target=0.0,  # cost target T for multiplicative/target penalties, in the cost model's unit
+      beta=0.6,
+      memory_weight=0.0,
+      memory_budget=0,  # bytes of peak SRAM; 0 disables the memory hinge
+  ))
+
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  return c

@@ -1,0 +1,30 @@
+"""What every launcher shares: the JAX compilation cache and turning known errors into one clear line."""
+import os
+import sys
+
+from absl import logging
+
+USER_ERROR_MODULES = ("edgenas",)
+
+
+def enable_compilation_cache() -> None:
+  """Compiled programs are cached on disk: a second run of the same config skips most of its start-up."""
+  import jax
+  path = os.environ.get("EDGENAS_JAX_CACHE", os.path.expanduser("~/.cache/edgenas/jax"))
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_or_exit(fn, *args, **kwargs):
+  """Runs fn; an edgenas error (bad config, dataset, checkpoint, NaN loss, ...) ends the process with its
+  message and exit code 1 instead of a traceback. Anything else is a bug and keeps its traceback."""
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, RuntimeError, OSError) as e:
+    if type(e).__module__.split(".")[0] not in USER_ERROR_MODULES:
+      raise
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
