@@ -42,22 +42,29 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
 
 
-def cost_penalty(ce, cost, cfg) -> jnp.ndarray:
+def cost_penalty(ce, cost, cfg, lam=None, target=None) -> jnp.ndarray:
   """The task loss with the configured cost penalty.
 
   additive:        CE + λ·E/E_ref
   multiplicative:  CE·(log E / log T)^β   (FBNet / ProxylessNAS)
   target:          CE + λ·|E/T − 1|       (TuNAS)
+
+  `lam` / `target` (arrays) override cfg.lam / cfg.target: a vectorised sweep passes them as traced inputs so
+  that one compiled step serves every member of a population.
   """
   form = cfg.penalty
-  if form == "none" or (form == "additive" and cfg.lam == 0):
+  if lam is None and target is None and (form == "none" or (form == "additive" and cfg.lam == 0)):
+    return ce
+  lam = cfg.lam if lam is None else lam
+  target = cfg.target if target is None else target
+  if form == "none":
     return ce
   if form == "additive":
-    return ce + cfg.lam * cost / cfg.cost_ref
+    return ce + lam * cost / cfg.cost_ref
   if form == "multiplicative":
-    return ce * jnp.power(jnp.log(cost) / jnp.log(cfg.target), cfg.beta)
+    return ce * jnp.power(jnp.log(cost) / jnp.log(target), cfg.beta)
   if form == "target":
-    return ce + cfg.lam * jnp.abs(cost / cfg.target - 1.0)
+    return ce + lam * jnp.abs(cost / target - 1.0)
   raise ValueError(f"unknown penalty form {form!r}; expected one of {PENALTIES}")
 
 
@@ -103,11 +110,11 @@ class Objective:
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return ce, acc
 
-  def arch_loss(self, weights, arch, batch, rng, tau):
+  def arch_loss(self, weights, arch, batch, rng, tau, lam=None, target=None):
     ce, acc = self.task_loss(weights, arch, batch, rng, tau)
     energy = self.expected_cost(arch)
     mem = self.expected_memory(arch)
-    loss = cost_penalty(ce, energy, self.cfg) + memory_hinge(mem, self.cfg)
+    loss = cost_penalty(ce, energy, self.cfg, lam, target) + memory_hinge(mem, self.cfg)
     if self.relaxation == "sigmoid":
       loss = loss + self.cfg.zero_one_weight * supernet_lib.zero_one_loss(arch)
     return loss, dict(val_ce=ce, val_acc=acc, expected_cost=energy, expected_memory=mem)
@@ -122,12 +129,13 @@ class Objective:
     metrics = dict(train_ce=ce, train_acc=acc, grad_norm=optax.global_norm(grads))
     return state.replace(weights=weights, w_opt=w_opt, step=state.step + 1), metrics
 
-  def arch_grad(self, state: SearchState, train_batch, val_batch, tau, xi):
+  def arch_grad(self, state: SearchState, train_batch, val_batch, tau, xi, lam=None, target=None):
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
     r_val, r_train = jax.random.split(rng)
     if not self.cfg.second_order:
       (_, aux), g = jax.value_and_grad(self.arch_loss, argnums=1, has_aux=True)(state.weights, state.arch,
-                                                                               val_batch, r_val, tau)
+                                                                               val_batch, r_val, tau, lam,
+                                                                               target)
       return g, aux
 
     def train_ce(w, a):
@@ -136,14 +144,16 @@ class Objective:
     w_grad = jax.grad(train_ce)(state.weights, state.arch)
     w_virtual = jax.tree.map(lambda w, g: w - xi * g, state.weights, w_grad)
     (_, aux), (gw, ga) = jax.value_and_grad(self.arch_loss, argnums=(0, 1), has_aux=True)(
-        w_virtual, state.arch, val_batch, r_val, tau)
+        w_virtual, state.arch, val_batch, r_val, tau, lam, target)
     # d/dε ∇_α L_train(w + ε·gw, α) at ε = 0: the exact Hessian-vector product, forward over reverse.
     grad_a_train = lambda w: jax.grad(train_ce, argnums=1)(w, state.arch)
     _, hvp = jax.jvp(grad_a_train, (state.weights,), (gw,))
     return jax.tree.map(lambda a, h: a - xi * h, ga, hvp), aux
 
-  def arch_step(self, state: SearchState, train_batch, val_batch, tau, xi):
-    grads, aux = self.arch_grad(state, train_batch, val_batch, tau, xi)
+  def arch_step(self, state: SearchState, train_batch, val_batch, tau, xi, lam=None, target=None):
+    """One α step; `lam` / `target` optionally override the config's penalty weight and target (see
+    `cost_penalty`)."""
+    grads, aux = self.arch_grad(state, train_batch, val_batch, tau, xi, lam, target)
     updates, a_opt = self.a_tx.update(grads, state.a_opt, state.arch)
     arch = optax.apply_updates(state.arch, updates)
     aux["alpha_entropy"] = alpha_entropy(self.probs(arch))
