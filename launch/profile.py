@@ -51,7 +51,7 @@ def main(argv):
     if not FLAGS.out:
       raise app.UsageError("--out is required with --backend=host")
     source = FLAGS.source or ("measured: tflite-micro python interpreter (reference kernels) on this host, "
-                              f"fastest of {FLAGS.passes} passes, energy = latency x {power_mw:g} mW (estimate)")
+                              f"mean of the fastest 20% of invokes over {FLAGS.passes} passes, energy = latency x {power_mw:g} mW (estimate)")
     lut_lib.save_lut(profiling.profile_host(_grid(), power_mw, source, FLAGS.passes), FLAGS.out)
     print(f"wrote {FLAGS.out}")
   elif FLAGS.backend == "board":

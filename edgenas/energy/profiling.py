@@ -120,15 +120,10 @@ def _check_single_op(flatbuffer: bytes, spec: ops_lib.OpSpec) -> None:
     raise EnergyModelError(f"single_op_model({spec}): the converter produced operators {names}, not [{spec.op!r}]")
 
 
-def time_on_host(flatbuffer: bytes, min_seconds: float = 0.1, max_count: int = 300, min_count: int = 5,
-                 keep_fraction: float = 0.75, seed: int = 0) -> tuple[float, float, int]:
-  """(mean ms, std ms, count) of one invoke in the TFLite Micro interpreter, on random int8 inputs.
-
-  Each invoke is timed on its own; the slowest (1 - keep_fraction) are dropped because on a shared machine
-  interference only ever adds time.
-  """
+def time_on_host(flatbuffer: bytes, min_seconds: float = 0.1, max_count: int = 300, min_count: int = 10,
+                 seed: int = 0) -> np.ndarray:
+  """Milliseconds of each timed invoke of the model in the TFLite Micro interpreter, on random int8 inputs."""
   from tflite_micro.python.tflite_micro import runtime  # lazily: the tflite-micro wheel is optional
-  from edgenas.energy import tflite_graph
 
   interpreter = runtime.Interpreter.from_bytes(flatbuffer, arena_size=host_arena_bytes(flatbuffer))
   rng = np.random.default_rng(seed)
@@ -142,8 +137,16 @@ def time_on_host(flatbuffer: bytes, min_seconds: float = 0.1, max_count: int = 3
     t0 = time.perf_counter()
     interpreter.invoke()
     times.append(time.perf_counter() - t0)
-  kept = np.sort(np.asarray(times))[:max(1, int(round(len(times) * keep_fraction)))] * 1e3
-  return float(kept.mean()), float(kept.std()), len(times)
+  return np.asarray(times) * 1e3
+
+
+def fastest_fraction(times_ms: np.ndarray, keep_fraction: float = 0.2) -> tuple[float, float, int]:
+  """(mean, std, count) of the fastest `keep_fraction` of the invokes.
+
+  On a shared machine other work only ever adds time, so the fastest invokes are the operator's own cost.
+  """
+  kept = np.sort(times_ms)[:max(1, int(round(len(times_ms) * keep_fraction)))]
+  return float(kept.mean()), float(kept.std()), len(times_ms)
 
 
 def host_arena_bytes(flatbuffer: bytes) -> int:
@@ -158,15 +161,15 @@ def host_harness_overhead_ms() -> float:
   """Time of invoking a model that does (almost) nothing: the Python/interpreter cost per invoke, which a
   one-operator model pays once and a real network pays once per inference, not per operator."""
   tiny = single_op_model(ops_lib.OpSpec(ops_lib.RESHAPE, 1, 1, 1, 1))
-  return min(time_on_host(tiny, min_seconds=0.3)[0] for _ in range(3))
+  return fastest_fraction(time_on_host(tiny, min_seconds=0.3))[0]
 
 
 def profile_host(grid: Sequence[ops_lib.OpSpec], power_mw: float, source: str, passes: int = 3,
                  log=print) -> list[lut_lib.LutRow]:
   """Measures every configuration of `grid` on this machine; energy = latency x `power_mw` (an estimate).
 
-  The grid is timed `passes` times, one pass after another, and each row keeps its fastest pass: other work on
-  a shared machine slows whole stretches of time down, never speeds one up.
+  The grid is timed `passes` times, one pass after another, so each row is sampled at several moments, and a
+  row's figure is the mean of its fastest 20% of invokes over all passes (see `fastest_fraction`).
   """
   models = []
   for i, spec in enumerate(grid):
@@ -175,15 +178,14 @@ def profile_host(grid: Sequence[ops_lib.OpSpec], power_mw: float, source: str, p
       log(f"converted {i + 1}/{len(grid)} models")
   overhead = host_harness_overhead_ms()
   log(f"harness overhead per invoke: {overhead * 1e3:.2f} us (subtracted from every row)")
-  best = [None] * len(grid)
+  times = [[] for _ in grid]
   for p in range(passes):
     for i, model in enumerate(models):
-      timing = time_on_host(model)
-      if best[i] is None or timing[0] < best[i][0]:
-        best[i] = timing
+      times[i].append(time_on_host(model))
     log(f"pass {p + 1}/{passes} done")
   rows = []
-  for spec, (mean, std, count) in zip(grid, best):
+  for spec, row_times in zip(grid, times):
+    mean, std, count = fastest_fraction(np.concatenate(row_times))
     latency = max(mean - overhead, 0.0)
     rows.append(lut_lib.LutRow(spec.op, spec.in_h, spec.in_w, spec.in_c, spec.out_c, spec.kernel, spec.stride,
                                lut_lib.groups_of(spec.op, spec.in_c), latency, std, count,
