@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 from edgenas import ops as ops_lib
 from edgenas.energy import features as features_lib
@@ -199,6 +198,3 @@ def _graph_op(index: int, name: str, op, tensors: list[Tensor], source: str) -> 
                  int(weight_bytes), int(activation_bytes), tuple(t.index for t in act_in),
                  tuple(t.index for t in outputs))
 
-
-def default_reference_dir(repo_root: str) -> str:
-  return os.path.join(repo_root, "..", "shared", "data", "mlperf_tiny", "models")
