@@ -1,0 +1,282 @@
+"""One call from a trained network to a verified TFLite Micro deployment: `export_model` / `export_workdir`.
+
+Steps, in order: BN fold -> int8 `.tflite` (convert.py) -> operator check (every op int8 with a TFLM kernel) ->
+arena measured in the TFLM interpreter -> the test split through TFLM against the float (and fake-quant) network
+-> predicted latency/energy/SRAM/flash per platform and the platform budgets -> C sources and build files ->
+`report.json`.
+
+Everything is written into a staging directory next to `out_dir` and moved into place only when the export
+succeeded, so a model that fails a check (an SRAM/flash budget, an operator TFLM lacks) never replaces or
+damages an earlier export; `report.json` is written last and marks a finished export.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edgenas import data as data_lib
+from edgenas import rundir
+from edgenas import space as space_lib
+from edgenas.export import convert
+from edgenas.export import csource
+from edgenas.export import errors
+from edgenas.export import verify
+from edgenas.nn import model as model_lib
+
+REPORT_VERSION = 1
+REPORT_FILE = "report.json"
+MODEL_FILE = "model.tflite"
+EXPORT_DIR = "export"
+FLOAT_TOLERANCE_PTS = 1.0  # int8 vs float accuracy, post-training quantization
+QAT_TOLERANCE_PTS = 0.5  # int8 vs fake-quant accuracy, quantization-aware training
+MIN_AGREEMENT = 0.99  # int8 vs float argmax agreement
+EVAL_BATCH = 256
+
+
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def float_logits(arch: space_lib.Architecture, folded: dict, images: np.ndarray, weight_fn=None,
+                 act_fn=None) -> np.ndarray:
+  """Logits of the BN-folded float network (what the converter starts from), in batches."""
+  fn = jax.jit(lambda x: model_lib.forward_folded(arch, folded, x, weight_fn=weight_fn, act_fn=act_fn))
+  out = [np.asarray(fn(jnp.asarray(images[i:i + EVAL_BATCH]))) for i in range(0, len(images), EVAL_BATCH)]
+  return np.concatenate(out) if out else np.zeros((0, arch.num_classes), np.float32)
+
+
+def fake_quant_accuracy(arch: space_lib.Architecture, variables, ranges: Mapping, images, labels) -> float:
+  """Test accuracy of the int8-simulated network QAT trained (edgenas.quant), for the comparison with TFLM."""
+  from edgenas import quant as quant_lib
+  fn = jax.jit(lambda x: quant_lib.fake_quant_logits(arch, variables, ranges, x))
+  preds = np.concatenate([np.argmax(np.asarray(fn(jnp.asarray(images[i:i + EVAL_BATCH]))), -1)
+                          for i in range(0, len(images), EVAL_BATCH)])
+  return float(np.mean(preds == labels))
+
+
+def check_budgets(platform, arena_bytes: int, flash_bytes: int) -> None:
+  """Raises BudgetError naming the platform, the budget (SRAM or flash) and the figures that do not fit."""
+  for what, need, have, field in (("SRAM", arena_bytes, platform.sram_bytes, "sram_bytes"),
+                                  ("flash", flash_bytes, platform.flash_bytes, "flash_bytes")):
+    if need > have:
+      raise errors.BudgetError(
+          f"platform {platform.name}: the model needs {need} bytes of {what} "
+          f"({'TFLite Micro arena, measured' if what == 'SRAM' else 'the .tflite flatbuffer'}) but the {what} "
+          f"budget is {have} bytes ('{field}' in {platform.path}); nothing was written. Choose a smaller "
+          f"architecture (or a memory budget in the search).")
+
+
+def _platform_entry(platform, estimate: dict, arena_bytes: int) -> dict:
+  keys = ("latency_ms", "energy_uj", "peak_sram_bytes", "flash_bytes", "weight_bytes", "sram_budget_bytes",
+          "flash_budget_bytes")
+  entry = {k: estimate[k] for k in keys}
+  entry.update(core=platform.core, clock_mhz=platform.clock_mhz, runtime=platform.runtime,
+               fits_sram=arena_bytes <= platform.sram_bytes, fits_flash=estimate["flash_bytes"] <= platform.flash_bytes,
+               out_of_range_ops=len(estimate["out_of_range"]), fit_quality=estimate["fit_quality"])
+  return entry
+
+
+def _existing_report(out_dir: str, arch: space_lib.Architecture, platforms: Sequence[str]) -> Optional[dict]:
+  """A finished export of the same network for the same platforms (returned as is), or None if there is none.
+  A finished export of anything else is never overwritten silently."""
+  path = os.path.join(out_dir, REPORT_FILE)
+  if not os.path.exists(path):
+    return None
+  report = rundir.read_json(path)
+  if (report.get("arch_hash") == arch.hash() and sorted(report.get("platforms", {})) == sorted(platforms)
+      and report.get("checks", {}).get("passed")):
+    return report
+  rundir.refuse_overwrite(path)  # raises FinishedResultError with the way out
+  return None
+
+
+def _accuracy_checks(int8_acc: float, float_acc: float, fq_acc: Optional[float], agreement: float) -> dict:
+  qat = fq_acc is not None
+  reference, tolerance = (fq_acc, QAT_TOLERANCE_PTS) if qat else (float_acc, FLOAT_TOLERANCE_PTS)
+  gap_pts = 100.0 * (int8_acc - reference)
+  within = abs(gap_pts) <= tolerance + 1e-9
+  return dict(reference="fake_quant" if qat else "float", int8_minus_reference_pts=gap_pts,
+              tolerance_pts=tolerance, accuracy_within_tolerance=within, min_agreement=MIN_AGREEMENT,
+              agreement_ok=agreement >= MIN_AGREEMENT, passed=bool(within and agreement >= MIN_AGREEMENT))
+
+
+def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Dataset, out_dir: str,
+                 platforms: Sequence[str] = ("stm32l4r5_tflm",), quant_state: Optional[Mapping] = None, *,
+                 calibration_images: int = convert.DEFAULT_CALIBRATION_IMAGES, eval_limit: Optional[int] = None,
+                 seed: int = 0, strict: bool = True, cpu: str = "cortex-m7+fp", riscv_arch: str = "rv32imc",
+                 extra: Optional[Mapping] = None, log: Callable[[str], None] = _say) -> dict:
+  """Exports `arch` with trained `variables` ({"params", "batch_stats"}) into `out_dir`; returns report.json.
+
+  `quant_state`: activation ranges {tensor: [min, max]} learned by QAT (edgenas.quant); None for a float-trained
+  network (the converter calibrates on `calibration_images` training images either way). `eval_limit` caps the
+  test images run through TFLM. With `strict`, an accuracy or agreement check that fails raises AccuracyError
+  after the files are written (report.json then says `checks.passed: false`). Budget and operator failures raise
+  before anything is written into `out_dir`.
+  """
+  from edgenas.energy import estimate as estimate_lib
+  from edgenas.energy import platform as platform_lib
+
+  platforms = list(dict.fromkeys(platforms))
+  if not platforms:
+    raise errors.ExportError("export: give at least one platform (e.g. stm32l4r5_tflm)")
+  if tuple(dataset.input_shape) != tuple(arch.input_shape) or dataset.num_classes != arch.num_classes:
+    raise errors.ExportError(f"export: dataset {dataset.name} has inputs {dataset.input_shape} and "
+                             f"{dataset.num_classes} classes, architecture {arch.hash()} expects "
+                             f"{arch.input_shape} and {arch.num_classes}")
+  profiles = [platform_lib.load_platform(p) for p in platforms]
+  existing = _existing_report(out_dir, arch, [p.name for p in profiles])
+  if existing is not None:
+    log(f"{out_dir}: already exported for {', '.join(platforms)}; not exporting again")
+    return existing
+
+  t_start = time.time()
+  model_name = arch.name or f"arch_{arch.hash()}"
+  folded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), model_lib.fold_batchnorm(arch, variables))
+  calib = convert.calibration_sample(dataset.train.images, calibration_images, seed)
+  log(f"export: converting {model_name} ({arch.macs()} MACs) to int8 TFLite, calibrated on {len(calib)} training "
+      f"images{' with QAT ranges' if quant_state is not None else ''}")
+  flatbuffer = convert.to_tflite(arch, folded, calib, quant_state)
+  t_convert = time.time()
+
+  ops = verify.model_ops(flatbuffer)
+  verify.check_tflm_ops(ops)
+  arena = verify.measure_arena(flatbuffer)
+  device_arena = verify.device_arena_bytes(flatbuffer, arena["arena_bytes"])
+
+  n_test = len(dataset.test) if eval_limit is None else min(eval_limit, len(dataset.test))
+  images, labels = dataset.test.images[:n_test], dataset.test.labels[:n_test]
+  runner = verify.TflmRunner(flatbuffer, arena["arena_bytes"])
+  t_tflm = time.time()
+  int8_out, int8_logits = runner.logits(images)
+  tflm_ms = 1e3 * (time.time() - t_tflm) / max(1, n_test)
+  float_pred = np.argmax(float_logits(arch, folded, images), -1)
+  int8_pred = np.argmax(int8_out, -1)
+  float_acc, int8_acc = float(np.mean(float_pred == labels)), float(np.mean(int8_pred == labels))
+  agreement = float(np.mean(float_pred == int8_pred))
+  fq_acc = (fake_quant_accuracy(arch, variables, quant_state, images, labels) if quant_state is not None else None)
+  checks = _accuracy_checks(int8_acc, float_acc, fq_acc, agreement)
+  log(f"export: TFLM int8 test accuracy {int8_acc:.4f} (float {float_acc:.4f}"
+      f"{'' if fq_acc is None else f', fake-quant {fq_acc:.4f}'}), argmax agreement {agreement:.4f} over "
+      f"{n_test} images; arena {arena['arena_bytes']} B")
+  t_verify = time.time()
+
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+  try:
+    model_path = os.path.join(staging, MODEL_FILE)
+    with open(model_path, "wb") as f:
+      f.write(flatbuffer)
+    estimates = {p.name: estimate_lib.estimate_tflite(model_path, p) for p in profiles}
+    for p in profiles:
+      check_budgets(p, arena["arena_bytes"], len(flatbuffer))
+    summary = verify.op_summary(ops)
+    sources = csource.model_data_sources(flatbuffer, device_arena, runner.input_qparams, runner.output_qparams,
+                                         arch.input_shape, arch.num_classes, runner.quantize_input(images[:1])[0],
+                                         int8_out[0], int(labels[0]), model_name)
+    sources.update(csource.build_sources([s["tflm_resolver"] for s in summary], model_name, cpu, riscv_arch))
+    csource.write_sources(staging, sources)
+    tflite_sram = next(iter(estimates.values()))["peak_sram_bytes"]
+    arch_sram = arch.peak_activation_bytes()
+    report = dict(
+        version=REPORT_VERSION, arch_hash=arch.hash(), arch_name=arch.name, arch=arch.summary(),
+        dataset=dataset.name, model_file=MODEL_FILE, tflite_bytes=len(flatbuffer), flash_bytes=len(flatbuffer),
+        ops=[dict(index=o["index"], op=o["op"], version=o["version"]) for o in ops], op_summary=summary,
+        all_int8=True, tflm_supported=True,
+        arena=dict(measured_tflm_bytes=arena["arena_bytes"], head_bytes=arena["head_bytes"],
+                   tail_bytes=arena["tail_bytes"], device_arena_bytes=device_arena,
+                   predicted_peak_sram_bytes=arch_sram, predicted_peak_sram_bytes_tflite=tflite_sram,
+                   measured_minus_predicted_bytes=arena["arena_bytes"] - arch_sram,
+                   measured_over_predicted=arena["arena_bytes"] / max(1, arch_sram),
+                   note=("measured: TFLM RecordingMicroAllocator on this host (reference kernels, 64-bit "
+                         "pointers), activations plus TFLM's own structures; predicted: the memory model's largest "
+                         "live int8 activation set (Architecture.peak_activation_bytes); device_arena_bytes adds "
+                         "CMSIS-NN scratch headroom and is what model_data.h allocates")),
+        accuracy=dict(test_images=n_test, float=float_acc, int8_tflm=int8_acc, fake_quant=fq_acc,
+                      argmax_agreement_int8_float=agreement, **checks),
+        checks=dict(passed=checks["passed"], all_int8=True, tflm_supported=True, fits_budgets=True),
+        quantization=dict(input=dict(zip(("scale", "zero_point"), runner.input_qparams)),
+                          output=dict(zip(("scale", "zero_point"), runner.output_qparams)),
+                          ranges="qat" if quant_state is not None else "post_training_calibration",
+                          calibration_images=len(calib)),
+        platforms={p.name: _platform_entry(p, estimates[p.name], arena["arena_bytes"]) for p in profiles},
+        tflm_host_ms_per_image=tflm_ms, files=sorted(os.listdir(staging)) + [REPORT_FILE],
+        builds=dict(cortex_m=dict(makefile="Makefile.cortex_m", cpu=cpu, kernels="CMSIS-NN"),
+                    riscv32=dict(makefile="Makefile.riscv32", arch=riscv_arch, kernels="TFLM reference")),
+        versions=_versions(),
+        seconds=dict(convert=t_convert - t_start, verify=t_verify - t_convert, total=time.time() - t_start))
+    if extra:
+      report.update(extra)
+    _publish(staging, out_dir, report)
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging)
+  log(f"export: {len(flatbuffer)} B model, {len(summary)} op kinds, written to {out_dir}")
+  if strict and not checks["passed"]:
+    raise errors.AccuracyError(
+        f"{out_dir}/{REPORT_FILE}: int8 accuracy {int8_acc:.4f} vs {checks['reference']} "
+        f"{fq_acc if fq_acc is not None else float_acc:.4f} ({checks['int8_minus_reference_pts']:+.2f} pts, "
+        f"tolerance {checks['tolerance_pts']}) and argmax agreement {agreement:.4f} (minimum {MIN_AGREEMENT})")
+  return report
+
+
+def _publish(staging: str, out_dir: str, report: dict) -> None:
+  """Moves the staged files into `out_dir`, report.json last (its presence marks a finished export)."""
+  os.makedirs(out_dir, exist_ok=True)
+  for name in sorted(os.listdir(staging)):
+    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+  rundir.atomic_write_json(os.path.join(out_dir, REPORT_FILE), report)
+
+
+def _versions() -> dict:
+  from importlib import metadata
+  out = {}
+  for dist in ("tensorflow", "tensorflow-cpu", "ai-edge-litert", "tflite-micro", "jax"):
+    try:
+      out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _retrain_config(workdir: str):
+  import ml_collections
+  recorded = rundir.read_json(os.path.join(workdir, rundir.CONFIG_FILE))
+  config = recorded.get("config", recorded) if isinstance(recorded, dict) else None
+  if not isinstance(config, dict) or "dataset" not in config:
+    raise errors.ExportError(f"{workdir}/{rundir.CONFIG_FILE}: missing field 'config.dataset'; is this a retrain "
+                             "workdir?")
+  return ml_collections.ConfigDict(config)
+
+
+def export_workdir(workdir: str, platforms: Sequence[str] = (), out_dir: Optional[str] = None, **kwargs) -> dict:
+  """Exports the network a finished retrain left in `workdir` into `workdir/export` (or `out_dir`).
+
+  Platforms default to the retrain config's (`retrain.platforms`, else `cost.platform`). QAT ranges are used when
+  the retrain tracked them (`ranges_source: qat_ema_minmax` in its report.json)."""
+  from edgenas import search as search_lib
+  from edgenas import train as train_lib
+
+  report_path = os.path.join(workdir, train_lib.REPORT_FILE)
+  if not os.path.exists(report_path):
+    raise errors.ExportError(f"{workdir}: no {train_lib.REPORT_FILE}; the retrain has not finished (run "
+                             "launch.retrain on it first)")
+  retrain_report = rundir.read_json(report_path)
+  config = _retrain_config(workdir)
+  arch, variables, ranges = train_lib.load_trained(workdir)
+  qat = retrain_report.get("ranges_source") == "qat_ema_minmax"
+  platforms = list(platforms) or train_lib.platforms_of(config)
+  dataset = search_lib.load_data(config)
+  extra = dict(retrain=dict(workdir=os.path.abspath(workdir), test_acc_float=retrain_report.get("test_acc_float"),
+                            test_acc_fake_quant=retrain_report.get("test_acc_fake_quant"),
+                            ranges_source=retrain_report.get("ranges_source")))
+  return export_model(arch, variables, dataset, out_dir or os.path.join(workdir, EXPORT_DIR), platforms,
+                      quant_state=ranges if qat else None, seed=config.get("seed", 0), extra=extra, **kwargs)
