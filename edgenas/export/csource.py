@@ -49,7 +49,7 @@ def model_data_sources(flatbuffer: bytes, arena_bytes: int, input_qparams, outpu
 #ifndef EDGENAS_MODEL_DATA_H_
 #define EDGENAS_MODEL_DATA_H_
 
-#include <cstdint>
+#include <stdint.h>  // the C header: model_data.cc also builds with a C-only bare-metal toolchain
 
 // The int8 .tflite flatbuffer (16-byte aligned, as TFLite Micro requires) and its length in bytes.
 extern const unsigned char {SYMBOL}[];

@@ -280,3 +280,36 @@ def export_workdir(workdir: str, platforms: Sequence[str] = (), out_dir: Optiona
                             ranges_source=retrain_report.get("ranges_source")))
   return export_model(arch, variables, dataset, out_dir or os.path.join(workdir, EXPORT_DIR), platforms,
                       quant_state=ranges if qat else None, seed=config.get("seed", 0), extra=extra, **kwargs)
+
+
+def load_checkpoint(arch: space_lib.Architecture, directory: str) -> tuple[dict, dict]:
+  """(variables, activation ranges) from an orbax directory written by `edgenas.train.save_final` (a retrain's
+  `final/`), checked against `arch`."""
+  from edgenas import checkpoint as ckpt_lib
+  from edgenas import quant as quant_lib
+
+  if not os.path.isdir(directory):
+    raise errors.ExportError(f"{directory}: no such checkpoint directory")
+  target = {"variables": jax.device_get(model_lib.init_net(arch, jax.random.PRNGKey(0))),
+            "ranges": {k: np.zeros((2,), np.float32) for k in quant_lib.activation_names(arch)}}
+  with ckpt_lib.Checkpointer(directory, keep=1) as ckpt:
+    restored = ckpt.restore_latest(target)
+  if restored is None:
+    raise errors.ExportError(f"{directory}: holds no saved network")
+  saved_hash = restored.metadata.get("arch_hash")
+  if saved_hash not in (None, arch.hash()):
+    raise errors.ExportError(f"{directory} holds a network for architecture {saved_hash}, not {arch.hash()}")
+  return restored.state["variables"], restored.state["ranges"]
+
+
+def export_checkpoint(arch_path: str, checkpoint_dir: str, config, out_dir: str, platforms: Sequence[str],
+                      qat_ranges: bool, **kwargs) -> dict:
+  """Exports an arch.json with variables from `checkpoint_dir` (see `load_checkpoint`); the dataset comes from
+  `config` (its dataset, data_dir, image_size, val_fraction and seed fields)."""
+  from edgenas import search as search_lib
+
+  arch = space_lib.Architecture.load(arch_path)
+  variables, ranges = load_checkpoint(arch, checkpoint_dir)
+  dataset = search_lib.load_data(config)
+  return export_model(arch, variables, dataset, out_dir, platforms, quant_state=ranges if qat_ranges else None,
+                      seed=config.get("seed", 0), **kwargs)

@@ -1,0 +1,59 @@
+"""Export a trained network to TensorFlow Lite Micro, verified in the TFLM interpreter.
+
+  # a finished retrain workdir -> DIR/export/
+  python -m launch.export --workdir=DIR --platform=stm32l4r5_tflm --platform=andes_d45_tflm
+  # an arch.json and a saved network (a retrain's final/ directory); the dataset comes from --config
+  python -m launch.export --arch=arch.json --checkpoint=DIR/final --out_dir=out/export --config=experiments/digits.py
+
+Writes model.tflite, model_data.cc/.h, model_ops.h, main.cc, Makefile.cortex_m, Makefile.riscv32 and report.json.
+Exits with status 1 and one line naming the budget, operator or file when the export fails.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py",
+                                          "Experiment config (dataset) for --arch/--checkpoint exports.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished retrain workdir; writes WORKDIR/export.")
+_ARCH = flags.DEFINE_string("arch", None, "arch.json to export (with --checkpoint).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Saved network (a retrain's final/ directory).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default: WORKDIR/export, or next to --arch).")
+_PLATFORMS = flags.DEFINE_multi_string("platform", [], "Target platform (repeatable); default: the config's.")
+_QAT = flags.DEFINE_bool("qat_ranges", True, "With --checkpoint: clip activations at the saved ranges (QAT).")
+_EVAL_LIMIT = flags.DEFINE_integer("eval_limit", 0, "Test images run through TFLM (0: the whole test split).")
+_STRICT = flags.DEFINE_bool("strict", True, "Fail when the int8 accuracy or argmax agreement check fails.")
+_CPU = flags.DEFINE_string("cpu", "cortex-m7+fp", "Cortex-M core for Makefile.cortex_m (TFLM TARGET_ARCH name).")
+_RISCV_ARCH = flags.DEFINE_string("riscv_arch", "rv32imc", "RISC-V ISA for Makefile.riscv32 (rv32imc, rv32imac).")
+
+
+def main(argv):
+  del argv
+  from edgenas import export
+  common.enable_compilation_cache()
+  kwargs = dict(eval_limit=_EVAL_LIMIT.value or None, strict=_STRICT.value, cpu=_CPU.value,
+                riscv_arch=_RISCV_ARCH.value)
+  if _WORKDIR.value and not (_ARCH.value or _CHECKPOINT.value):
+    out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "export")
+    report = common.run_or_exit(export.export_workdir, _WORKDIR.value, _PLATFORMS.value, out_dir, **kwargs)
+  elif _ARCH.value and _CHECKPOINT.value and not _WORKDIR.value:
+    from edgenas.export import exporter
+    config = _CONFIG.value
+    platforms = _PLATFORMS.value or [config.cost.platform]
+    out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(_ARCH.value)), "export")
+    report = common.run_or_exit(exporter.export_checkpoint, _ARCH.value, _CHECKPOINT.value, config, out_dir,
+                                platforms, _QAT.value, **kwargs)
+  else:
+    raise app.UsageError("give either --workdir=DIR, or --arch=arch.json together with --checkpoint=DIR")
+  acc = report["accuracy"]
+  print(f"exported {report['arch_hash']}: {report['tflite_bytes']} B .tflite, TFLM arena {report['arena']['measured_tflm_bytes']} B, "
+        f"int8 acc {acc['int8_tflm']:.4f} (float {acc['float']:.4f}), agreement {acc['argmax_agreement_int8_float']:.4f}")
+  for name, p in report["platforms"].items():
+    print(f"  {name}: {p['latency_ms']:.3g} ms, {p['energy_uj']:.3g} uJ per inference (predicted)")
+  print(f"-> {out_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
