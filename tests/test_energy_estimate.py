@@ -82,6 +82,4 @@ def test_launcher_reports_bad_input_clearly(tmp_path):
   bad = tmp_path / "arch.json"
   bad.write_text(json.dumps({"version": 1}))
   result = _run(f"--model={bad}")
-  assert result.returncode == 2 and "missing field 'input_shape'" in result.stderr
-  result = _run("--platform=vax", f"--model={KWS}")
-  assert result.returncode == 2 and "unknown platform 'vax'" in result.stderr
+  assert result.returncode == 2 and "missing field 'input_shape'" in result.stderr and not result.stdout

@@ -12,6 +12,10 @@ SPACE = dict(input_shape=(8, 8, 1), num_classes=10, stem=dict(channels=8, kernel
              kernels=[3, 5], expansions=[1, 3])
 
 
+# Compiled once for the module: eager evaluation dispatches hundreds of tiny ops.
+_expected_memory = jax.jit(memory.expected_memory, static_argnums=(0,), static_argnames=("temperature",))
+
+
 def _space():
   return space_lib.SearchSpace.from_config(SPACE)
 
@@ -40,7 +44,7 @@ def test_architecture_memory_by_hand():
 def test_surrogate_of_a_one_hot_supernet_bounds_the_exact_figures_tightly(choices):
   space = _space()
   probs, fracs, arch = _one_hot(space, choices)
-  soft_peak, flash = memory.expected_memory(space, probs, fracs, temperature=0.01)
+  soft_peak, flash = _expected_memory(space, probs, fracs, temperature=0.01)
   exact = memory.architecture_memory(arch)
   # log-sum-exp is an upper bound of the max, within temperature x max x log(number of terms).
   assert exact["peak_sram_bytes"] <= float(soft_peak) <= exact["peak_sram_bytes"] * (1 + 0.01 * np.log(40))
@@ -58,12 +62,13 @@ def test_surrogate_is_differentiable_and_shrinks_with_the_gates():
 
   logits = [jnp.zeros(k) for k in n]
   gates = [jnp.full(k, 2.0) for k in n]
-  g_logits, g_gates = jax.grad(penalty, argnums=(0, 1))(logits, gates)
+  g_logits, g_gates = jax.jit(jax.grad(penalty, argnums=(0, 1)))(logits, gates)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in g_logits + g_gates)
   # Every expanding candidate's gate pushes memory up; closing gates lowers both figures.
   assert all(float(g[1]) > 0 for g in g_gates)
-  closed = memory.expected_memory(space, [jax.nn.softmax(a) for a in logits], [jnp.full(k, 0.2) for k in n])
-  opened = memory.expected_memory(space, [jax.nn.softmax(a) for a in logits], [jnp.full(k, 0.9) for k in n])
+  memory_of = jax.jit(lambda fracs: memory.expected_memory(space, [jax.nn.softmax(a) for a in logits], fracs))
+  closed = memory_of([jnp.full(k, 0.2) for k in n])
+  opened = memory_of([jnp.full(k, 0.9) for k in n])
   assert float(closed[0]) < float(opened[0]) and float(closed[1]) < float(opened[1])
 
 

@@ -78,6 +78,7 @@ def test_expected_energy_gradient_matches_finite_differences():
   logits = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
   gates = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
 
+  @jax.jit
   def energy(logits, gates):
     probs = [jax.nn.softmax(a) for a in logits]
     fracs = [jax.nn.sigmoid(g) for g in gates]
