@@ -52,6 +52,27 @@ def get_config():
       memory_budget=0,  # bytes of peak SRAM; 0 disables the memory hinge
   ))
 
+  # Retraining a derived network (and the baselines) from scratch: edgenas.train / launch/retrain.py.
+  c.retrain = ml_collections.ConfigDict(dict(
+      epochs=30,
+      batch_size=64,
+      optimizer="sgd",  # sgd (Nesterov) | adamw
+      lr=0.1,
+      lr_min_ratio=0.0,  # cosine decays to lr * lr_min_ratio
+      momentum=0.9,
+      warmup_epochs=2,
+      weight_decay=5e-5,  # on conv/dense kernels only
+      label_smoothing=0.1,
+      ema_decay=0.0,  # EMA of the weights for evaluation and export; 0 = off
+      max_shift=1,  # random shifts of up to this many pixels
+      flip=True,  # only used when the dataset is flip-invariant (digits is not)
+      use_val=True,  # train on train + the search's validation split
+      qat_epochs=5,  # the last epochs run quantization-aware (int8 fake quant); 0 = off
+      qat_lr=5e-4,  # QAT fine-tunes with BN frozen: a far smaller rate, cosine-decayed to 0
+      platforms=(),  # platforms priced in report.json; empty: cost.platform
+  ))
+  c.baselines = ("mobilenetv2_1.0", "mobilenetv2_0.35", "dscnn")
+
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.log_every = 50

@@ -1,0 +1,435 @@
+"""Retraining a derived network from scratch, optionally quantization-aware for the last epochs.
+
+`run_retrain(config, arch, workdir)` trains `edgenas.nn.model.Net(arch)` with the `config.retrain` settings:
+SGD (Nesterov) or AdamW, linear warm-up then cosine decay, decoupled weight decay on conv/dense kernels only,
+label smoothing, random-shift (and, for flip-invariant data, flip) augmentation, an optional EMA of the weights
+(evaluation and export then use the EMA weights). The last `qat_epochs` epochs run quantization-aware through
+`edgenas.quant` (BN folded with frozen statistics, int8 fake quantization, tracked activation ranges).
+
+The run directory follows the search's rules: the resolved config (with the architecture) in `config.json`,
+orbax checkpoints every `checkpoint_every` steps, `metrics.jsonl`, progress lines with an ETA, and a restart on
+the same workdir resumes and ends exactly where an uninterrupted run would (batches and augmentation are functions
+of (seed, step)). At the end it writes the trained variables (`final/`, read back by `load_trained`) and
+`report.json`: float and fake-quant test accuracy, parameters, MACs, and the predicted latency, energy, peak SRAM
+and flash on each configured platform.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from edgenas import checkpoint as ckpt_lib
+from edgenas import data as data_lib
+from edgenas import parallel
+from edgenas import quant as quant_lib
+from edgenas import rundir
+from edgenas import space as space_lib
+from edgenas.nn import model as model_lib
+from edgenas.objective import cross_entropy
+from edgenas.search import load_data, say
+
+ARCH_FILE = "arch.json"
+REPORT_FILE = "report.json"
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoints"
+REPORT_VERSION = 1
+OPTIMIZERS = ("sgd", "adamw")
+EVAL_CHUNK = 512  # test images per compiled evaluation call (the last chunk is padded)
+CALIBRATION_IMAGES = 1024  # train images for post-training ranges when QAT is off
+
+
+class RetrainError(ValueError):
+  """A retraining request that cannot work (config, arch.json vs dataset); the message names the field/file."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@flax.struct.dataclass
+class RetrainState:
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any  # what evaluation and export use; equals params when the EMA is off
+  quant: quant_lib.QuantState
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def check_config(rc) -> None:
+  """Rejects a `config.retrain` that cannot train, naming the field."""
+  if rc.optimizer not in OPTIMIZERS:
+    raise RetrainError(f"config.retrain.optimizer must be one of {OPTIMIZERS}, got {rc.optimizer!r}")
+  for name in ("epochs", "batch_size"):
+    if int(rc[name]) < 1:
+      raise RetrainError(f"config.retrain.{name} must be >= 1, got {rc[name]}")
+  if not rc.lr > 0:
+    raise RetrainError(f"config.retrain.lr must be > 0, got {rc.lr}")
+  if rc.qat_epochs and not rc.qat_lr > 0:
+    raise RetrainError(f"config.retrain.qat_lr must be > 0 when qat_epochs > 0, got {rc.qat_lr}")
+  if not 0 <= rc.qat_epochs <= rc.epochs:
+    raise RetrainError(f"config.retrain.qat_epochs must be in [0, epochs={rc.epochs}], got {rc.qat_epochs}")
+  if not 0 <= rc.warmup_epochs < rc.epochs:
+    raise RetrainError(f"config.retrain.warmup_epochs must be in [0, epochs), got {rc.warmup_epochs}")
+  if not 0 <= rc.ema_decay < 1:
+    raise RetrainError(f"config.retrain.ema_decay must be in [0, 1) (0 = off), got {rc.ema_decay}")
+  if not 0 <= rc.label_smoothing < 1:
+    raise RetrainError(f"config.retrain.label_smoothing must be in [0, 1), got {rc.label_smoothing}")
+  if rc.weight_decay < 0 or rc.max_shift < 0:
+    raise RetrainError("config.retrain.weight_decay and config.retrain.max_shift must be >= 0")
+
+
+def platforms_of(config) -> list[str]:
+  """The platforms a report prices: `config.retrain.platforms`, or else the search's `config.cost.platform`."""
+  names = list(config.retrain.get("platforms", ()) or ())
+  if not names:
+    names = [config.cost.platform]
+  return names
+
+
+def check_compatible(arch: space_lib.Architecture, dataset: data_lib.Dataset, source: str) -> None:
+  if tuple(arch.input_shape) != tuple(dataset.input_shape):
+    raise RetrainError(f"{source}: field 'input_shape' is {list(arch.input_shape)} but dataset "
+                       f"'{dataset.name}' has images of {list(dataset.input_shape)}")
+  if arch.num_classes != dataset.num_classes:
+    raise RetrainError(f"{source}: field 'num_classes' is {arch.num_classes} but dataset '{dataset.name}' has "
+                       f"{dataset.num_classes} classes")
+
+
+def lr_schedule(rc, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  """Float phase: linear warm-up from 0 to lr over warmup_epochs, then cosine decay to lr * lr_min_ratio by the
+  start of QAT. QAT phase: cosine decay from qat_lr to 0. QAT gets its own, much smaller rate because with BN
+  folded from frozen statistics nothing renormalises the layers any more: at the float phase's rates one step
+  is enough to wreck a trained network (measured: momentum SGD at 0.015 dropped digits train accuracy from
+  80% to 25%)."""
+  qat_steps = min(int(rc.qat_epochs * steps_per_epoch), total_steps)
+  float_steps = total_steps - qat_steps
+  warmup = min(int(rc.warmup_epochs * steps_per_epoch), max(0, float_steps - 1))
+  float_lr = optax.warmup_cosine_decay_schedule(0.0, rc.lr, warmup, max(float_steps, warmup + 1),
+                                                end_value=rc.lr * rc.get("lr_min_ratio", 0.0))
+  if not qat_steps:
+    return float_lr
+  qat_lr = optax.cosine_decay_schedule(rc.qat_lr, qat_steps)
+  return optax.join_schedules([float_lr, qat_lr], [float_steps])
+
+
+def _decay_mask(params):
+  """Weight decay on kernels only: BN scales/biases and biases are not decayed (standard practice)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(rc, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+  lr = lr_schedule(rc, total_steps, steps_per_epoch)
+  if rc.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(rc.weight_decay, mask=_decay_mask),
+                       optax.sgd(lr, momentum=rc.get("momentum", 0.9), nesterov=True))
+  return optax.adamw(lr, weight_decay=rc.weight_decay, mask=_decay_mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+class Trainer:
+  """The jit-able pieces for one architecture and config: init, the float and QAT steps, evaluation."""
+
+  def __init__(self, arch: space_lib.Architecture, rc, total_steps: int, steps_per_epoch: int):
+    self.arch, self.rc = arch, rc
+    self.net = model_lib.Net(arch)
+    self.tx = make_optimizer(rc, total_steps, steps_per_epoch)
+    self.lr = lr_schedule(rc, total_steps, steps_per_epoch)
+    self.float_correct_jit = jax.jit(self.float_correct)
+
+  def init_state(self, rng) -> RetrainState:
+    variables = model_lib.init_net(self.arch, rng)
+    params = variables["params"]
+    return RetrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+                        opt_state=self.tx.init(params), ema_params=params,
+                        quant=quant_lib.init_quant_state(self.arch))
+
+  def _apply_update(self, state: RetrainState, grads, **changes) -> RetrainState:
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = self.rc.ema_decay
+    if decay > 0:
+      # TF-style warm-up of the EMA decay, so a short run's average is not dominated by the initial weights.
+      d = jnp.minimum(decay, (1.0 + state.step) / (10.0 + state.step))
+      ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    else:
+      ema = params
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, **changes)
+
+  def _metrics(self, loss, logits, labels, grads, step):
+    return dict(loss=loss, train_acc=jnp.mean(jnp.argmax(logits, -1) == labels),
+                grad_norm=optax.global_norm(grads), lr=self.lr(step))
+
+  def float_step(self, state: RetrainState, batch):
+    """Plain training: BatchNorm with batch statistics, running statistics updated."""
+    def loss_fn(params):
+      logits, new_vars = self.net.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                        train=True, mutable=["batch_stats"])
+      return cross_entropy(logits, batch["label"], self.rc.label_smoothing), (logits, new_vars["batch_stats"])
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = self._metrics(loss, logits, batch["label"], grads, state.step)
+    return self._apply_update(state, grads, batch_stats=stats), metrics
+
+  def qat_step(self, state: RetrainState, batch):
+    """Quantization-aware: BN folded with frozen statistics, int8 fake quantization, ranges tracked."""
+    def loss_fn(params):
+      logits, quant = quant_lib.qat_forward(self.arch, params, state.batch_stats, state.quant, batch["image"])
+      return cross_entropy(logits, batch["label"], self.rc.label_smoothing), (logits, quant)
+
+    (loss, (logits, quant)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = self._metrics(loss, logits, batch["label"], grads, state.step)
+    return self._apply_update(state, grads, quant=quant), metrics
+
+  def eval_variables(self, state: RetrainState) -> dict:
+    return {"params": state.ema_params, "batch_stats": state.batch_stats}
+
+  def float_correct(self, variables, images, labels, valid):
+    logits = self.net.apply(variables, images, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+
+  def fake_quant_correct(self, variables, ranges, images, labels, valid):
+    logits = quant_lib.fake_quant_logits(self.arch, variables, ranges, images)
+    return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+
+
+def accuracy(correct_fn, split: data_lib.Split, *args) -> float:
+  """Accuracy over a whole split in fixed-size chunks (the last one padded and masked: one compile)."""
+  n, correct = len(split), 0
+  chunk = min(EVAL_CHUNK, n)
+  for start in range(0, n, chunk):
+    images, labels = split.images[start:start + chunk], split.labels[start:start + chunk]
+    valid = np.ones(chunk, bool)
+    if len(labels) < chunk:
+      pad = chunk - len(labels)
+      valid[len(labels):] = False
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    correct += int(correct_fn(*args, images, labels, valid))
+  return correct / max(1, n)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def training_split(dataset: data_lib.Dataset, use_val: bool) -> data_lib.Split:
+  """Retraining uses the search's validation images too (they only steered α), unless told to hold them out."""
+  if not use_val:
+    return dataset.train
+  return data_lib.Split(np.concatenate([dataset.train.images, dataset.val.images]),
+                        np.concatenate([dataset.train.labels, dataset.val.labels]))
+
+
+def _recorded_config(config, arch: space_lib.Architecture) -> dict:
+  """What a restart must match: the config and the architecture being trained."""
+  return {"config": rundir.to_jsonable(config), "retrain_arch": arch.to_dict()}
+
+
+def _place_arch(arch: space_lib.Architecture, workdir: str) -> None:
+  path = os.path.join(workdir, ARCH_FILE)
+  if os.path.exists(path):
+    existing = space_lib.Architecture.load(path)
+    if existing.hash() != arch.hash():
+      raise RetrainError(f"{path} holds architecture {existing.hash()}, not {arch.hash()}: this workdir retrains "
+                         f"another network. Use a new --workdir.")
+    return
+  if jax.process_index() == 0:
+    arch.save(path)
+
+
+def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: Sequence[str] | None = None,
+                source: str = "arch.json") -> dict:
+  """Trains `arch` from scratch per `config.retrain`, writes `workdir/report.json`, returns the report.
+
+  `platforms` overrides the platforms priced in the report; `source` names the arch.json in error messages.
+  A finished workdir returns its report without training again."""
+  rc = config.retrain
+  check_config(rc)
+  platform_names = list(platforms) if platforms else platforms_of(config)
+  report_path = os.path.join(workdir, REPORT_FILE)
+  rundir.prepare_workdir(workdir, _recorded_config(config, arch))
+  _place_arch(arch, workdir)
+  if os.path.exists(report_path):
+    say(f"{workdir}: retraining already finished; not running it again (use a new --workdir to retrain anew)")
+    return rundir.read_json(report_path)
+
+  t_start = time.time()
+  dataset = load_data(config)
+  check_compatible(arch, dataset, source)
+  train_split = training_split(dataset, rc.get("use_val", True))
+  parallel.check_batch_size(rc.batch_size)
+  steps_per_epoch = len(train_split) // rc.batch_size
+  if steps_per_epoch < 1:
+    raise RetrainError(f"config.retrain.batch_size {rc.batch_size} is larger than the training split "
+                       f"({len(train_split)} images)")
+  total = rc.epochs * steps_per_epoch
+  qat_start = (rc.epochs - rc.qat_epochs) * steps_per_epoch
+  mesh = parallel.make_mesh()
+  shard, num_shards = parallel.process_shard()
+  stream = data_lib.BatchStream(*train_split, rc.batch_size, config.seed, shard, num_shards)
+  flip = bool(rc.get("flip", True)) and dataset.flip_invariant
+  trainer = Trainer(arch, rc, total, steps_per_epoch)
+  say(f"retrain {arch.name or arch.hash()} ({arch.hash()}): {arch.macs()} MACs, {arch.params()} params; "
+      f"{rc.epochs} epochs x {steps_per_epoch} steps, {rc.optimizer} lr {rc.lr}, "
+      f"QAT from step {qat_start if rc.qat_epochs else 'never'}, EMA {rc.ema_decay or 'off'}, "
+      f"{jax.device_count()} device(s)")
+
+  repl = parallel.replicated(mesh)
+  state = jax.jit(trainer.init_state, out_shardings=repl)(jax.random.PRNGKey(config.seed))
+  float_step = jax.jit(trainer.float_step, out_shardings=(repl, repl), donate_argnums=0)
+  qat_step = jax.jit(trainer.qat_step, out_shardings=(repl, repl), donate_argnums=0)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=config.checkpoint_every,
+                               keep=config.keep_checkpoints)
+  start, seconds_before = 0, 0.0
+  try:
+    restored = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state, start = restored.state, restored.step + 1
+    seconds_before = float(restored.metadata.get("train_seconds", 0.0))
+    say(f"resuming from checkpoint step {restored.step}")
+  metrics = rundir.MetricsWriter(os.path.join(workdir, rundir.METRICS_FILE),
+                                 resume_step=restored.step if restored else -1)
+  progress = rundir.Progress(max(1, total), batch_size=rc.batch_size, every_steps=config.log_every,
+                             start_step=start, log=say)
+  t_loop = time.time()
+  try:
+    for step in range(start, total):
+      images, labels = stream.batch_at(step)
+      images = data_lib.augment(images, np.random.default_rng([config.seed, step]), rc.max_shift, flip)
+      batch = parallel.global_batch({"image": images, "label": labels}, mesh)
+      step_fn = qat_step if step >= qat_start else float_step
+      state, record = step_fn(state, batch)
+      record = {k: float(v) for k, v in record.items()}
+      if not math.isfinite(record["loss"]):
+        _stop_non_finite(workdir, ckpt, step, record["loss"])
+      epoch_end = (step + 1) % steps_per_epoch == 0
+      if epoch_end or (step + 1) % config.log_every == 0:
+        record.update(epoch=step // steps_per_epoch, qat=step >= qat_start)
+        if epoch_end and not rc.get("use_val", True):
+          record["val_acc"] = accuracy(trainer.float_correct_jit, dataset.val, trainer.eval_variables(state))
+        metrics.write(step, record)
+      progress.update(step)
+      try:
+        ckpt.save(step, state, {"step": step, "train_seconds": seconds_before + time.time() - t_loop})
+      except ckpt_lib.NonFiniteStateError:
+        _stop_non_finite(workdir, ckpt, step, "a non-finite parameter")
+    if total > 0:
+      ckpt.save(total - 1, state, {"step": total - 1, "train_seconds": seconds_before + time.time() - t_loop},
+                force=True)
+  finally:
+    ckpt.close()
+    metrics.close()
+  train_seconds = seconds_before + time.time() - t_loop
+
+  report = _final_report(config, arch, trainer, state, dataset, train_split, qat_start < total, platform_names,
+                         workdir)
+  report["steps"] = total
+  report["seconds"] = dict(train=train_seconds, this_process=time.time() - t_start)
+  if jax.process_index() == 0:
+    rundir.atomic_write_json(report_path, report)
+  say(f"retrained {arch.hash()}: test acc float {report['test_acc_float']:.4f}, fake-quant int8 "
+      f"{report['test_acc_fake_quant']:.4f}; report in {report_path}")
+  return report
+
+
+def _stop_non_finite(workdir: str, ckpt: ckpt_lib.Checkpointer, step: int, value) -> None:
+  ckpt.wait()
+  raise NonFiniteLossError(
+      f"{workdir}: the loss became {value} at step {step}; stopping. The last good checkpoint is step "
+      f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.retrain.lr.")
+
+
+def _final_report(config, arch, trainer: Trainer, state: RetrainState, dataset, train_split, qat: bool,
+                  platform_names, workdir: str) -> dict:
+  variables = jax.device_get(trainer.eval_variables(state))
+  if qat:
+    ranges, ranges_source = jax.device_get(state.quant.ranges), "qat_ema_minmax"
+  else:
+    ranges = quant_lib.calibrate_ranges(arch, variables, train_split.images[:CALIBRATION_IMAGES])
+    ranges_source = "post_training_minmax"
+  save_final(workdir, arch, variables, ranges)
+  acc_float = accuracy(trainer.float_correct_jit, dataset.test, variables)
+  acc_fq = accuracy(jax.jit(trainer.fake_quant_correct), dataset.test, variables, ranges)
+  return dict(
+      version=REPORT_VERSION, arch_hash=arch.hash(), arch_name=arch.name, arch=arch.summary(),
+      dataset=dataset.name, test_images=len(dataset.test), test_acc_float=acc_float, test_acc_fake_quant=acc_fq,
+      params=arch.params(), macs=arch.macs(), epochs=config.retrain.epochs, qat_epochs=config.retrain.qat_epochs,
+      ema_decay=config.retrain.ema_decay, activation_ranges=quant_lib.ranges_to_json(ranges),
+      ranges_source=ranges_source, platforms={name: platform_costs(arch, name) for name in platform_names})
+
+
+def platform_costs(arch: space_lib.Architecture, platform: str) -> dict:
+  """The predicted per-inference figures of `arch` on one platform (the energy model's estimate)."""
+  from edgenas.energy import estimate  # the energy model, imported only where it is used
+  e = estimate.estimate_architecture(arch, platform)
+  return {k: e[k] for k in ("latency_ms", "energy_uj", "peak_sram_bytes", "flash_bytes", "weight_bytes",
+                            "fits_sram", "fits_flash")} | {"out_of_range_ops": len(e["out_of_range"])}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trained network, for the exporter
+
+
+def save_final(workdir: str, arch: space_lib.Architecture, variables, ranges) -> None:
+  """Writes the variables evaluation used (EMA weights when enabled) and the activation ranges to
+  `workdir/final` (orbax), replacing an earlier copy."""
+  directory = os.path.join(workdir, FINAL_DIR)
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    shutil.rmtree(directory)  # a copy left by a run killed after training is rewritten whole
+  with ckpt_lib.Checkpointer(directory, keep=1) as ckpt:
+    ckpt.save(0, {"variables": variables, "ranges": {k: np.asarray(v, np.float32) for k, v in ranges.items()}},
+              {"arch_hash": arch.hash()}, force=True)
+
+
+def load_trained(workdir: str) -> tuple[space_lib.Architecture, dict, dict]:
+  """(arch, variables {"params", "batch_stats"}, activation ranges {tensor: [min, max]}) of a finished retrain.
+
+  The variables are those the report's accuracies were measured with; feed them to
+  `edgenas.nn.model.fold_batchnorm` / `forward_folded`. Ranges are as tracked by QAT (or calibrated after
+  training when QAT was off); report.json's `ranges_source` says which."""
+  arch = space_lib.Architecture.load(os.path.join(workdir, ARCH_FILE))
+  directory = os.path.join(workdir, FINAL_DIR)
+  if not os.path.isdir(directory):
+    raise RetrainError(f"{workdir}: no trained network ({FINAL_DIR}/ is missing); run launch.retrain on it first")
+  target = {"variables": jax.device_get(model_lib.init_net(arch, jax.random.PRNGKey(0))),
+            "ranges": {k: np.zeros((2,), np.float32) for k in quant_lib.activation_names(arch)}}
+  with ckpt_lib.Checkpointer(directory, keep=1) as ckpt:
+    restored = ckpt.restore_latest(target)
+  if restored is None:
+    raise RetrainError(f"{directory}: holds no saved network")
+  if restored.metadata.get("arch_hash") != arch.hash():
+    raise RetrainError(f"{directory} was trained for architecture {restored.metadata.get('arch_hash')}, but "
+                       f"{workdir}/{ARCH_FILE} is {arch.hash()}")
+  return arch, restored.state["variables"], restored.state["ranges"]
+
+
+def resolve_arch_path(path: str) -> str:
+  """An arch.json path, or a search workdir holding one."""
+  if os.path.isdir(path):
+    candidate = os.path.join(path, ARCH_FILE)
+    if not os.path.exists(candidate):
+      raise RetrainError(f"{path} is a directory without an {ARCH_FILE} (is the search finished?)")
+    return candidate
+  return path
