@@ -126,7 +126,7 @@ class Objective:
                                                                           step_rng, tau)
     updates, w_opt = self.w_tx.update(grads, state.w_opt, state.weights)
     weights = optax.apply_updates(state.weights, updates)
-    metrics = dict(train_ce=ce, train_acc=acc, grad_norm=optax.global_norm(grads))
+    metrics = dict(train_ce=ce, train_acc=acc, grad_norm=optax.tree.norm(grads))
     return state.replace(weights=weights, w_opt=w_opt, step=state.step + 1), metrics
 
   def arch_grad(self, state: SearchState, train_batch, val_batch, tau, xi, lam=None, target=None):

@@ -117,7 +117,7 @@ def build(config, dataset: data_lib.Dataset):
   total = s.epochs * steps_per_epoch
   if s.get("max_steps", 0):
     total = min(total, s.max_steps)
-  warmup = s.warmup_epochs * steps_per_epoch
+  warmup = int(round(s.warmup_epochs * steps_per_epoch))  # fractional epochs allowed
   op_cost, memory_fn, cost_desc = resolve_cost_model(config)
   uniform = supernet_lib.init_arch_params(space)
   probs = [supernet_lib.candidate_probs(a, s.relaxation) for a in uniform["alpha"]]
@@ -233,6 +233,7 @@ def run_search(config, workdir: str) -> dict:
       expected_cost=float(obj.expected_cost(state.arch)), derived_cost=derived_cost, cost_model=plan["cost_model"],
       cost_ref=plan["cost_ref"], steps=total, relaxation=s.relaxation,
       probs=[np.asarray(p).round(4).tolist() for p in obj.probs(jax.device_get(state.arch))],
+      alpha=[np.asarray(a).tolist() for a in jax.device_get(state.arch["alpha"])],
       candidates=[[c.name for c in slot.candidates] for slot in space.slots()],
       seconds=dict(total=t_end - t_start, loop=t_end - t_loop), devices=jax.device_count())
   if jax.process_index() == 0:

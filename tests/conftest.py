@@ -1,0 +1,15 @@
+"""Shared test set-up: a persistent JAX compilation cache, so the many small runs (and subprocesses) of the suite
+compile each program once."""
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("EDGENAS_JAX_CACHE", os.path.join(REPO_ROOT, ".jax_cache"))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+
+def pytest_configure(config):
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["EDGENAS_JAX_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

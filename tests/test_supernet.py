@@ -1,0 +1,142 @@
+"""The supernet's relaxations, channel gates, expected cost and derivation, and the exact second-order step."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from edgenas import cost as cost_lib
+from edgenas import objective as objective_lib
+from edgenas import search, space as space_lib
+from edgenas.nn import supernet as sn
+from experiments import tiny
+
+
+@pytest.fixture(scope="module")
+def space():
+  cfg = dict(tiny.get_config().space)
+  cfg.update(input_shape=(8, 8, 1), num_classes=10)
+  return space_lib.SearchSpace.from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  return {"image": jnp.asarray(rng.random((16, 8, 8, 1)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+
+
+def make_objective(space, relaxation, **cost_overrides):
+  c = tiny.get_config()
+  c.search.relaxation = relaxation
+  c.cost.model = "macs"
+  c.cost.update(cost_overrides)
+  ocfg = search.objective_config(c, cost_ref=1e5)
+  return objective_lib.Objective(space, ocfg, cost_lib.mac_cost, None,
+                                 objective_lib.weight_optimizer(c.weights, 10), objective_lib.arch_optimizer(c.arch))
+
+
+@pytest.mark.parametrize("relaxation", sn.RELAXATIONS)
+def test_every_relaxation_trains_weights_and_arch(space, batch, relaxation):
+  obj = make_objective(space, relaxation, lam=0.5, penalty="additive")
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  s1, wm = jax.jit(obj.weight_step)(state, batch, 1.0)
+  s2, am = jax.jit(obj.arch_step)(s1, batch, batch, 1.0, 0.01)
+  assert np.isfinite(float(wm["train_ce"])) and np.isfinite(float(am["val_ce"]))
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(s2.arch["alpha"], s1.arch["alpha"])]
+  assert max(moved) > 0, "the architecture step did not move α"
+  assert float(jnp.max(jnp.abs(s2.arch["gate"] - s1.arch["gate"]))) > 0, "gates did not move"
+  logits = obj.logits(s2.weights, s2.arch, batch["image"], s2.rng, False, 1.0)
+  assert logits.shape == (16, 10)
+
+
+def test_gumbel_hard_runs_one_branch_per_layer(space, batch):
+  obj = make_objective(space, "gumbel")
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  jaxpr = jax.make_jaxpr(lambda w: obj.task_loss(w, state.arch, batch, jax.random.PRNGKey(1), 1.0))(state.weights)
+  conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == len(space.slots())
+  # Untaken candidates get exactly zero weight gradient: they did not run.
+  grads = jax.grad(lambda w: obj.task_loss(w, state.arch, batch, jax.random.PRNGKey(1), 1.0)[0])(state.weights)
+  for i in range(len(space.slots())):
+    norms = [float(optax_norm(v)) for k, v in grads[f"layer_{i}"].items()]
+    assert sum(n > 0 for n in norms) <= 1, norms
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_expected_cost_is_differentiable_and_matches_the_derived_network(space):
+  arch = sn.init_arch_params(space)
+  f = lambda a: cost_lib.expected_cost(cost_lib.mac_cost, space, [jax.nn.softmax(x) for x in a["alpha"]],
+                                       sn.gate_fractions(space, a))
+  g = jax.grad(f)(arch)
+  assert all(float(jnp.max(jnp.abs(x))) > 0 for x in g["alpha"])
+  assert float(jnp.min(g["gate"])) > 0  # opening channels always costs MACs
+  # Almost one-hot α and fully open gates: the expected cost is the derived network's cost.
+  choice = [1, 1]  # k3e3 in both slots
+  arch["alpha"] = [jnp.where(jnp.arange(len(a)) == c, 40.0, -40.0) for a, c in zip(arch["alpha"], choice)]
+  arch["gate"] = jnp.full_like(arch["gate"], 30.0)
+  derived = sn.derive(space, arch, "softmax")
+  assert [l.hidden for l in derived.layers] == [24, 24]
+  np.testing.assert_allclose(float(f(arch)), derived.macs(), rtol=1e-5)
+
+
+def test_derive_rounds_open_gates_to_the_divisor(space):
+  arch = sn.init_arch_params(space)
+  arch["alpha"] = [jnp.where(jnp.arange(len(a)) == 1, 1.0, 0.0) for a in arch["alpha"]]
+  (o0, n0), (o1, n1) = sn.gate_layout(space)[0][1], sn.gate_layout(space)[1][1]
+  gate = np.full(arch["gate"].shape, 5.0, np.float32)
+  gate[o0:o0 + n0] = -5.0
+  gate[o0:o0 + 3] = 5.0  # 3 open groups of 4 channels = 12 channels
+  gate[o1:o1 + n1] = -5.0  # all closed: the divisor is the minimum
+  arch["gate"] = jnp.asarray(gate)
+  derived = sn.derive(space, arch, "gumbel")
+  assert [l.hidden for l in derived.layers] == [12, space.channel_divisor]
+
+
+def test_second_order_uses_the_exact_hessian_vector_product(space, batch):
+  """The implicit term equals a central finite difference of ∇_α L_train along ∇_w' L_val."""
+  obj = make_objective(space, "softmax", lam=0.0, penalty="none")
+  obj.cfg.second_order = True
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  xi = 0.05
+  g2, _ = obj.arch_grad(state, batch, batch, 1.0, xi)
+  # Rebuild the pieces by hand, with the same random draws as arch_grad.
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+  r_val, r_train = jax.random.split(rng)
+  train_ce = lambda w, a: obj.task_loss(w, a, batch, r_train, 1.0)[0]
+  w_virtual = jax.tree.map(lambda w, g: w - xi * g, state.weights, jax.grad(train_ce)(state.weights, state.arch))
+  gw, ga = jax.grad(lambda w, a: obj.arch_loss(w, a, batch, r_val, 1.0)[0], argnums=(0, 1))(w_virtual, state.arch)
+  eps = 1e-2 / float(optax_norm(gw))
+  shifted = lambda s: jax.grad(train_ce, argnums=1)(jax.tree.map(lambda w, v: w + s * eps * v, state.weights, gw),
+                                                    state.arch)
+  fd = jax.tree.map(lambda p, m: (p - m) / (2 * eps), shifted(1.0), shifted(-1.0))
+  expected = jax.tree.map(lambda a, h: a - xi * h, ga, fd)
+  for got, want in zip(jax.tree.leaves(g2), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-4)
+
+
+@pytest.mark.parametrize("penalty, extra", [("additive", dict(lam=1.0)), ("multiplicative", dict(target=1e3)),
+                                            ("target", dict(lam=1.0, target=1e3))])
+def test_penalties_push_towards_cheaper_candidates(space, batch, penalty, extra):
+  obj = make_objective(space, "softmax", penalty=penalty, **extra)
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  g_cost = jax.grad(lambda a: objective_lib.cost_penalty(jnp.float32(2.0), obj.expected_cost(a), obj.cfg))(
+      state.arch)
+  costs = cost_lib.candidate_costs(cost_lib.mac_cost, space, sn.gate_fractions(space, state.arch))
+  for g, c in zip(g_cost["alpha"], costs):
+    # The most expensive candidate's logit is pushed down hardest.
+    assert int(jnp.argmax(g)) == int(jnp.argmax(c))
+
+
+def test_bad_search_config_is_refused():
+  c = tiny.get_config()
+  c.search.relaxation = "annealed"
+  with pytest.raises(search.SearchConfigError, match="relaxation"):
+    search.objective_config(c, 1.0)
+  c = tiny.get_config()
+  c.cost.penalty = "target"
+  with pytest.raises(search.SearchConfigError, match="config.cost.target"):
+    search.objective_config(c, 1.0)
