@@ -283,7 +283,8 @@ int main() {
   resolver.AddMaxPool2D();
   resolver.AddReshape();
   resolver.AddSoftmax();
-  MicroPrintf("EDGENAS_CLOCK_HZ,%%lu", static_cast<unsigned long>(SystemCoreClock));
+  // MicroPrintf implements a small printf subset: plain %%d/%%u/%%s, no length modifiers.
+  MicroPrintf("EDGENAS_CLOCK_HZ,%%u", static_cast<unsigned>(SystemCoreClock));
   for (int m = 0; m < kNumModels; ++m) {
     const ModelEntry& e = kModels[m];
     tflite::MicroInterpreter interpreter(tflite::GetModel(e.data), resolver, g_arena, kArenaSize);
@@ -306,9 +307,9 @@ int main() {
     }
     double mean = sum / kRepeats;
     double var = sum_sq / kRepeats - mean * mean;
-    MicroPrintf("EDGENAS_LUT,%%s,%%d,%%d,%%d,%%d,%%d,%%d,%%d,%%lu,%%lu,%%d", e.op, e.in_h, e.in_w, e.in_c, e.out_c,
-                e.kernel, e.stride, e.groups, static_cast<unsigned long>(mean),
-                static_cast<unsigned long>(std::sqrt(var > 0 ? var : 0)), kRepeats);
+    MicroPrintf("EDGENAS_LUT,%%s,%%d,%%d,%%d,%%d,%%d,%%d,%%d,%%u,%%u,%%d", e.op, e.in_h, e.in_w, e.in_c, e.out_c,
+                e.kernel, e.stride, e.groups, static_cast<unsigned>(mean),
+                static_cast<unsigned>(std::sqrt(var > 0 ? var : 0)), kRepeats);
   }
   MicroPrintf("EDGENAS_DONE");
   return 0;
