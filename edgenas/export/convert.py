@@ -15,7 +15,10 @@ Both are the same arithmetic; `tests/test_export.py` checks the traced function 
 Activation ranges from QAT are respected by clipping each tensor at its (nudged) int8 range through the `act_fn`
 hook: the converter's min/max calibration then cannot see a wider range than training used, and where training
 saturated a tensor the calibrated range is exactly the trained one. Where calibration sees a narrower range, the
-int8 grid is finer than QAT's, never coarser.
+int8 grid is finer than QAT's, never coarser. The converter writes each clip as separate RELU6/MINIMUM/MAXIMUM
+operators; `fold_clamps` removes them again by letting the producing conv/add write the clamped tensor directly:
+a clamp whose bounds hold the tensor's whole int8 range is exactly int8 saturation, which the producer's
+requantization already does.
 
 TensorFlow and LiteRT are imported inside the functions that need them.
 """
@@ -35,6 +38,14 @@ from edgenas.nn import depthwise as depthwise_lib
 from edgenas.nn import model as model_lib
 
 DEFAULT_CALIBRATION_IMAGES = 256
+# Not clipped: the input is quantised by the caller over the data range (a clip would convert into a RELU of its
+# own), and TFLite's int8 AVERAGE_POOL_2D keeps its input's quantization, so the pooled range is not free to set.
+UNCLIPPED_TENSORS = ("input", "pool")
+PROJECT_SUFFIX, ADD_SUFFIX = "_project", "_add"  # forward_folded's names in a residual block
+# Elementwise clamps the converter emits for the range clips, and the operators that can absorb them: those whose
+# output requantization TFLM derives from the output tensor's scale at Prepare time.
+CLAMP_OPS = ("RELU", "RELU6", "RELU_0_TO_1", "RELU_N1_TO_1", "MINIMUM", "MAXIMUM")
+CLAMP_ABSORBERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD")
 
 
 def _pointwise_as_conv(x, w):
@@ -65,6 +76,11 @@ def clip_to_ranges(ranges: Mapping[str, np.ndarray]) -> Callable:
     bounds[name] = (float(qlo), float(qhi))
 
   def act_fn(name, y):
+    # A residual block's projection feeds only its add, and the converter gives a clamp between the two the
+    # add's quantization, so it would stay as a MINIMUM/MAXIMUM operator; the sum's range is clipped instead.
+    if name in UNCLIPPED_TENSORS or (name.endswith(PROJECT_SUFFIX) and
+                                     name[:-len(PROJECT_SUFFIX)] + ADD_SUFFIX in bounds):
+      return y
     if name not in bounds:
       raise errors.ExportError(f"activation ranges: no range for tensor {name!r}; the ranges given hold "
                                f"{', '.join(sorted(bounds)) or 'nothing'}")
@@ -114,7 +130,72 @@ def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np
   except Exception as e:  # the converter reports failures as several internal exception types
     raise errors.ExportError(f"the TFLite converter failed on architecture {arch.hash()}: "
                              f"{type(e).__name__}: {str(e)[:2000]}") from e
-  return strip_names(flatbuffer)
+  return strip_names(fold_clamps(flatbuffer))
+
+
+def _constant_value(model, tensor) -> Optional[float]:
+  """The dequantised value of a constant int8 scalar (or all-equal) tensor, else None."""
+  buffer = model.buffers[tensor.buffer] if 0 < tensor.buffer < len(model.buffers) else None
+  if buffer is None or buffer.data is None or len(buffer.data) == 0 or tensor.quantization is None:
+    return None
+  values = np.frombuffer(bytes(bytearray(buffer.data)), np.int8)
+  if values.size == 0 or np.any(values != values[0]) or tensor.quantization.scale is None:
+    return None
+  return float(tensor.quantization.scale[0]) * (int(values[0]) - int(tensor.quantization.zeroPoint[0]))
+
+
+def _int8_range(tensor) -> Optional[tuple[float, float]]:
+  q = tensor.quantization
+  if q is None or q.scale is None or len(q.scale) != 1:
+    return None
+  scale, zero_point = float(q.scale[0]), int(q.zeroPoint[0])
+  return scale * (-128 - zero_point), scale * (127 - zero_point)
+
+
+def fold_clamps(flatbuffer: bytes) -> bytes:
+  """Removes RELU/RELU6/MINIMUM/MAXIMUM operators that only saturate: when a clamp's input comes from a
+  conv, depthwise, fully-connected or add (and feeds nothing else), and the clamp's bounds hold its output's whole
+  int8 range (within one step), the producer writes the clamp's output tensor itself."""
+  fb_utils = errors.require("ai_edge_litert.tools.flatbuffer_utils", "rewriting the converted model")
+  schema = errors.require("ai_edge_litert.schema_py_generated", "rewriting the converted model")
+  model = fb_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+  graph = model.subgraphs[0]
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+  def op_name(op):
+    code = model.operatorCodes[op.opcodeIndex]
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+  readers: dict[int, int] = {}
+  for op in graph.operators:
+    for t in op.inputs:
+      readers[t] = readers.get(t, 0) + 1
+  for t in graph.outputs:
+    readers[t] = readers.get(t, 0) + 1
+  producer = {t: op for op in graph.operators for t in op.outputs}
+  bounds = {"RELU": (0.0, np.inf), "RELU6": (0.0, 6.0), "RELU_0_TO_1": (0.0, 1.0), "RELU_N1_TO_1": (-1.0, 1.0)}
+  kept = []
+  for op in graph.operators:
+    kind = op_name(op)
+    source = producer.get(op.inputs[0]) if kind in CLAMP_OPS else None
+    if source is None or op_name(source) not in CLAMP_ABSORBERS or readers.get(op.inputs[0]) != 1:
+      kept.append(op)
+      continue
+    if kind in ("MINIMUM", "MAXIMUM"):
+      c = _constant_value(model, graph.tensors[op.inputs[1]]) if len(op.inputs) == 2 else None
+      lo, hi = (None, None) if c is None else ((-np.inf, c) if kind == "MINIMUM" else (c, np.inf))
+    else:
+      lo, hi = bounds[kind]
+    out = graph.tensors[op.outputs[0]]
+    rng = _int8_range(out)
+    step = float(out.quantization.scale[0]) if rng is not None else 0.0
+    if lo is None or rng is None or rng[0] < lo - step or rng[1] > hi + step:
+      kept.append(op)
+      continue
+    source.outputs[0] = op.outputs[0]
+    producer[op.outputs[0]] = source
+  graph.operators = kept
+  return bytes(fb_utils.convert_object_to_bytearray(model))
 
 
 def strip_names(flatbuffer: bytes) -> bytes:

@@ -1,0 +1,282 @@
+"""Export to TFLite Micro, end to end at small scale: a briefly trained 8x8 digits network converted to int8,
+run in the real TFLite Micro interpreter over the test split, budgets, C sources and (where the cross compilers
+are installed) the model array compiled for Cortex-M7 and RV32."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from edgenas import data as data_lib
+from edgenas import quant as quant_lib
+from edgenas import space as space_lib
+from edgenas import train as train_lib
+from edgenas.energy import platform as platform_lib
+from edgenas.export import convert, errors, exporter, verify
+from edgenas.nn import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLATFORM = "stm32l4r5_tflm"
+TRAIN_STEPS = 300
+
+
+def tiny_arch():
+  """Stem, an expanding residual block and a strided block without expansion: every operator kind we export."""
+  return space_lib.Architecture(
+      (8, 8, 1), 10, space_lib.Stem(8, 3, 1),
+      (space_lib.Layer("mbconv", 8, 8, 1, 3, 3, 24), space_lib.Layer("mbconv", 8, 16, 2, 3, 1, 8)), 0, "tiny")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  return data_lib.load_dataset("digits", val_fraction=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset):
+  """(arch, variables) after a short Adam run on digits (~95% test accuracy)."""
+  arch = tiny_arch()
+  net = model_lib.Net(arch)
+  variables = model_lib.init_net(arch, jax.random.PRNGKey(0))
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, stats, opt, x, y):
+    def loss(p):
+      logits, upd = net.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), stats, opt
+
+  params, stats = variables["params"], variables["batch_stats"]
+  opt = tx.init(params)
+  stream = data_lib.BatchStream(*dataset.train, 64, 0)
+  for s in range(TRAIN_STEPS):
+    params, stats, opt = step(params, stats, opt, *stream.batch_at(s))
+  return arch, jax.device_get({"params": params, "batch_stats": stats})
+
+
+@pytest.fixture(scope="module")
+def exported(trained, dataset, tmp_path_factory):
+  arch, variables = trained
+  out = str(tmp_path_factory.mktemp("export") / "export")
+  report = exporter.export_model(arch, variables, dataset, out, [PLATFORM, "andes_d45_tflm"])
+  return out, report
+
+
+def read_model(out):
+  with open(os.path.join(out, "model.tflite"), "rb") as f:
+    return f.read()
+
+
+def test_int8_accuracy_within_one_point_and_argmax_agreement(exported, dataset):
+  _, report = exported
+  acc = report["accuracy"]
+  assert acc["test_images"] == len(dataset.test)
+  assert acc["float"] > 0.85, "the fixture network did not train"
+  assert abs(acc["int8_tflm"] - acc["float"]) <= 0.01
+  assert acc["argmax_agreement_int8_float"] >= 0.99
+  assert acc["reference"] == "float" and acc["passed"] and report["checks"]["passed"]
+
+
+def test_report_accuracy_is_what_tflm_computes(exported, dataset):
+  out, report = exported
+  runner = verify.TflmRunner(read_model(out), report["arena"]["measured_tflm_bytes"])
+  q, _ = runner.logits(dataset.test.images)
+  assert q.dtype == np.int8 and q.shape == (len(dataset.test), 10)
+  assert np.mean(np.argmax(q, -1) == dataset.test.labels) == pytest.approx(report["accuracy"]["int8_tflm"])
+  # Input quantization covers the data range [0, 1] exactly.
+  scale, zero_point = runner.input_qparams
+  assert zero_point == -128 and scale == pytest.approx(1 / 255, rel=1e-3)
+
+
+def test_every_operator_is_int8_and_has_a_tflm_kernel(exported):
+  out, report = exported
+  ops = verify.model_ops(read_model(out))
+  verify.check_tflm_ops(ops)
+  for o in ops:
+    assert set(o["inputs"] + o["outputs"]) == {"INT8"}, o
+    assert set(o["constant_inputs"]) <= {"INT8", "INT32"}, o
+  names = [o["op"] for o in ops]
+  # 1x1 convs are CONV_2D (not FULLY_CONNECTED over 4-D tensors), the depthwise one DEPTHWISE_CONV_2D; the stem
+  # (one input channel) the converter writes as a depthwise conv with a channel multiplier.
+  assert names.count("CONV_2D") == 3 and names.count("FULLY_CONNECTED") == 1 and names[-1] == "FULLY_CONNECTED"
+  assert names.count("DEPTHWISE_CONV_2D") == 3 and names.count("ADD") == 1 and "AVERAGE_POOL_2D" in names
+  assert not {"QUANTIZE", "DEQUANTIZE", "SUM", "MEAN", "MUL"} & set(names)
+  assert [(o["op"], o["version"]) for o in report["ops"]] == [(o["op"], o["version"]) for o in ops]
+
+
+def test_tensor_names_are_stripped(exported):
+  out, _ = exported
+  from ai_edge_litert import schema_py_generated as schema
+  model = schema.ModelT.InitFromPackedBuf(read_model(out), 0)
+  assert all(not t.name for t in model.subgraphs[0].tensors)
+
+
+def test_arena_is_measured_and_compared_with_the_prediction(exported, trained):
+  out, report = exported
+  arch, _ = trained
+  arena = report["arena"]
+  assert arena["predicted_peak_sram_bytes"] == arch.peak_activation_bytes()
+  assert arena["measured_minus_predicted_bytes"] == arena["measured_tflm_bytes"] - arch.peak_activation_bytes()
+  # The arena holds the live activations plus TFLM's own structures.
+  assert arena["measured_tflm_bytes"] >= arch.peak_activation_bytes()
+  assert arena["device_arena_bytes"] > arena["measured_tflm_bytes"]
+  flatbuffer = read_model(out)
+  verify.TflmRunner(flatbuffer, arena["measured_tflm_bytes"])  # the measured figure is enough
+  with pytest.raises(errors.UnsupportedOpError, match="arena"):
+    verify.TflmRunner(flatbuffer, arena["measured_tflm_bytes"] - 256)  # and it is close to the minimum
+
+
+def test_platform_predictions_and_flash(exported):
+  out, report = exported
+  assert report["flash_bytes"] == report["tflite_bytes"] == os.path.getsize(os.path.join(out, "model.tflite"))
+  assert set(report["platforms"]) == {PLATFORM, "andes_d45_tflm"}
+  for name, p in report["platforms"].items():
+    assert p["latency_ms"] > 0 and p["energy_uj"] > 0, name
+    assert p["flash_bytes"] == report["tflite_bytes"] and p["fits_sram"] and p["fits_flash"]
+    assert p["sram_budget_bytes"] == platform_lib.load_platform(name).sram_bytes
+
+
+def test_c_sources_register_exactly_the_model_ops(exported):
+  out, report = exported
+  files = set(os.listdir(out))
+  assert {"model.tflite", "model_data.cc", "model_data.h", "model_ops.h", "main.cc", "Makefile.cortex_m",
+          "Makefile.riscv32", "report.json"} <= files
+  assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".export.")], "staging left behind"
+  ops_h = open(os.path.join(out, "model_ops.h")).read()
+  registered = [line.split("resolver.")[1].split("(")[0] for line in ops_h.splitlines() if "resolver.Add" in line]
+  assert registered == [s["tflm_resolver"] for s in report["op_summary"]]
+  assert f"MicroMutableOpResolver<kEdgenasNumOps>" in ops_h and f"kEdgenasNumOps = {len(registered)}" in ops_h
+  header = open(os.path.join(out, "model_data.h")).read()
+  assert f"kEdgenasArenaBytes = {report['arena']['device_arena_bytes']};" in header
+  assert f"kEdgenasInputZeroPoint = {report['quantization']['input']['zero_point']};" in header
+  source = open(os.path.join(out, "model_data.cc")).read()
+  assert "alignas(16) const unsigned char g_edgenas_model_data[]" in source
+  assert f"g_edgenas_model_data_len = {report['tflite_bytes']};" in source
+  body = source.split("g_edgenas_model_data[] = {")[1].split("};")[0]
+  assert bytes(int(b, 16) for b in body.replace("\n", "").split(",") if b.strip()) == read_model(out)
+  for makefile in ("Makefile.cortex_m", "Makefile.riscv32"):
+    text = open(os.path.join(out, makefile)).read()
+    assert "TFLM_DIR is not set" in text and "create_tflm_tree.py" in text
+  assert "OPTIMIZED_KERNEL_DIR=cmsis_nn" in open(os.path.join(out, "Makefile.cortex_m")).read()
+
+
+@pytest.mark.parametrize("target", ["cortex-m7", "rv32imc"])
+def test_model_data_compiles_for_the_mcu(exported, tmp_path, target):
+  out, report = exported
+  if target == "cortex-m7":
+    prefix, flags = "arm-none-eabi-", ["-mcpu=cortex-m7", "-mthumb"]
+  else:
+    prefix, flags = "riscv64-unknown-elf-", ["-march=rv32imc", "-mabi=ilp32", "-ffreestanding"]
+  if shutil.which(prefix + "g++") is None:
+    pytest.skip(f"{prefix}g++ is not installed (Debian: gcc-arm-none-eabi / gcc-riscv64-unknown-elf "
+                f"picolibc-riscv64-unknown-elf)")
+  obj = str(tmp_path / "model_data.o")
+  subprocess.run([prefix + "g++", *flags, "-Os", "-std=c++17", "-c", os.path.join(out, "model_data.cc"),
+                  "-I", out, "-o", obj], check=True, capture_output=True, text=True)
+  symbols = {}
+  for line in subprocess.run([prefix + "nm", "-S", obj], check=True, capture_output=True, text=True).stdout.splitlines():
+    parts = line.split()
+    if len(parts) == 4:
+      symbols[parts[3]] = (int(parts[0], 16), int(parts[1], 16))
+  address, size = symbols["g_edgenas_model_data"]
+  assert size == report["tflite_bytes"] and address % 16 == 0
+  assert symbols["g_edgenas_model_data_len"][1] == 4  # a 32-bit length on both targets
+  assert symbols["g_edgenas_sample_input"][1] == 64
+  sections = subprocess.run([prefix + "objdump", "-h", obj], check=True, capture_output=True, text=True).stdout
+  rodata = [l for l in sections.splitlines() if ".rodata" in l]
+  assert rodata and all(l.split()[-1] in ("2**4", "2**5", "2**6") for l in rodata)
+
+
+def test_tflite_lowering_computes_the_same_network(trained, dataset):
+  arch, variables = trained
+  folded = model_lib.fold_batchnorm(arch, variables)
+  x = jnp.asarray(dataset.test.images[:16])
+  reference = model_lib.forward_folded(arch, folded, x)
+  with convert.tflite_lowering():
+    lowered = jax.jit(convert.inference_fn(arch, folded))(x)
+  assert model_lib.pointwise is not convert._pointwise_as_conv  # restored on exit
+  np.testing.assert_allclose(np.asarray(lowered), np.asarray(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_over_budget_fails_naming_the_budget_and_keeps_earlier_files(trained, dataset, tmp_path):
+  arch, variables = trained
+  profile = json.load(open(platform_lib.platform_path(PLATFORM)))
+  profile.update(name="tiny_sram", sram_bytes=4096, lut=platform_lib.load_platform(PLATFORM).lut_path)
+  tiny = tmp_path / "tiny_sram.json"
+  tiny.write_text(json.dumps(profile))
+  out = tmp_path / "export"
+  out.mkdir()
+  (out / "model.tflite").write_bytes(b"an earlier export")
+  with pytest.raises(errors.BudgetError, match=r"tiny_sram: .* bytes of SRAM .* budget is 4096 bytes \('sram_bytes'"):
+    exporter.export_model(arch, variables, dataset, str(out), [str(tiny)], eval_limit=20)
+  assert sorted(os.listdir(out)) == ["model.tflite"] and (out / "model.tflite").read_bytes() == b"an earlier export"
+  assert sorted(os.listdir(tmp_path)) == ["export", "tiny_sram.json"]
+
+
+def test_retrain_workdir_with_qat_ranges_matches_fake_quant(trained, dataset, tmp_path):
+  """A retrain workdir (written with edgenas.train's own save_final) whose ranges are QAT's: the exporter clips
+  at them and the int8 accuracy matches the fake-quant accuracy within 0.5 points."""
+  arch, variables = trained
+  ranges = quant_lib.calibrate_ranges(arch, variables, dataset.train.images[:512])
+  # Ranges a little narrower than the data's, as QAT's EMA of batch min/max gives: tensors saturate.
+  ranges = {k: np.asarray(v) * np.float32(0.9) for k, v in ranges.items()}
+  workdir = tmp_path / "retrain"
+  workdir.mkdir()
+  arch.save(str(workdir / "arch.json"))
+  train_lib.save_final(str(workdir), arch, variables, ranges)
+  config = {"config": {"dataset": "digits", "data_dir": "", "image_size": 0, "val_fraction": 0.1, "seed": 0,
+                       "cost": {"platform": PLATFORM}, "retrain": {"platforms": []}}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  (workdir / "report.json").write_text(json.dumps({"ranges_source": "qat_ema_minmax", "test_acc_float": None,
+                                                   "test_acc_fake_quant": None}))
+  report = exporter.export_workdir(str(workdir))
+  acc = report["accuracy"]
+  assert report["quantization"]["ranges"] == "qat" and acc["reference"] == "fake_quant"
+  assert acc["fake_quant"] == pytest.approx(exporter.fake_quant_accuracy(arch, variables, ranges,
+                                                                         dataset.test.images, dataset.test.labels))
+  assert abs(acc["int8_tflm"] - acc["fake_quant"]) <= 0.005
+  assert os.path.exists(workdir / "export" / "model.tflite") and list(report["platforms"]) == [PLATFORM]
+  # The clips were folded back into the convs and the add: the same operators as without QAT ranges.
+  assert [o["op"] for o in report["ops"]] == [
+      "DEPTHWISE_CONV_2D", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "ADD", "DEPTHWISE_CONV_2D", "CONV_2D",
+      "AVERAGE_POOL_2D", "FULLY_CONNECTED"]
+  # The output scale follows the clipped logits range, not a wider calibration.
+  lo, hi = (float(v) for v in ranges["classifier"])
+  scale, _, _, _ = quant_lib.activation_qparams(jnp.float32(lo), jnp.float32(hi))
+  assert report["quantization"]["output"]["scale"] <= float(scale) * 1.001
+  # A second call finds the finished export and returns it without converting again.
+  assert exporter.export_workdir(str(workdir))["seconds"] == report["seconds"]
+
+
+def test_operator_without_tflm_kernel_or_float_tensor_is_named(exported):
+  out, _ = exported
+  ops = verify.model_ops(read_model(out))
+  unknown = [dict(o) for o in ops]
+  unknown[2]["op"] = "RFFT2D"
+  with pytest.raises(errors.UnsupportedOpError, match=r"operator 2 \(RFFT2D v\d+\): TensorFlow Lite Micro has no"):
+    verify.check_tflm_ops(unknown)
+  floats = [dict(o) for o in ops]
+  floats[0]["outputs"] = ["FLOAT32"]
+  with pytest.raises(errors.UnsupportedOpError, match="FLOAT32 tensors"):
+    verify.check_tflm_ops(floats)
+
+
+def test_missing_export_extra_names_the_install_command():
+  with pytest.raises(errors.MissingExportDependencyError, match=r'pip install -e "\.\[export\]"'):
+    errors.require("tensorflow_that_is_not_installed", "the TFLite converter")
+
+
+def test_importing_edgenas_and_the_exporter_does_not_import_tensorflow():
+  code = ("import sys, edgenas, edgenas.export, edgenas.export.exporter; "
+          "bad = [m for m in ('tensorflow', 'ai_edge_litert', 'tflite_micro') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
