@@ -211,7 +211,7 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
         tflm_host_ms_per_image=tflm_ms, files=sorted(os.listdir(staging)) + [REPORT_FILE],
         builds=dict(cortex_m=dict(makefile="Makefile.cortex_m", cpu=cpu, kernels="CMSIS-NN"),
                     riscv32=dict(makefile="Makefile.riscv32", arch=riscv_arch, kernels="TFLM reference")),
-        versions=_versions(),
+        versions=library_versions(),
         seconds=dict(convert=t_convert - t_start, verify=t_verify - t_convert, total=time.time() - t_start))
     if extra:
       report.update(extra)
@@ -236,7 +236,7 @@ def _publish(staging: str, out_dir: str, report: dict) -> None:
   rundir.atomic_write_json(os.path.join(out_dir, REPORT_FILE), report)
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
   from importlib import metadata
   out = {}
   for dist in ("tensorflow", "tensorflow-cpu", "ai-edge-litert", "tflite-micro", "jax"):
