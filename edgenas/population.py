@@ -1,0 +1,235 @@
+"""Vectorised search: K members of a sweep searched as one population, in one compiled program.
+
+Members differ only in their penalty weight λ (`config.cost.lam`) and target T (`config.cost.target`); they share
+the search space, data, seed, platform and schedule. The state of every member is stacked along a leading
+population axis, and the weight and α steps of `edgenas.objective.Objective` are `jax.vmap`-ed over it with λ and
+T as traced inputs, so K searches share one compile, one initialisation and one stream of batches. Each member
+therefore follows exactly the path it would follow alone with the same seed and batches (up to float
+reassociation).
+
+The population axis is laid out over the devices of a `jax.sharding.Mesh` ("pop" axis), so on several devices,
+or several hosts after `jax.distributed.initialize()`, each device steps its own slice of members; every process
+feeds the same (replicated) batches and process 0 writes the files. A population whose size does not divide the
+device count is padded with copies of its last member, whose results are dropped.
+
+Under vmap, the Gumbel relaxation's `lax.switch` becomes a `select`: every candidate runs for every member. The
+per-step arithmetic is then that of the softmax relaxation; what a population saves on CPU is compile,
+initialisation and data time (see /work/shared/ARCHITECTURE.md and benchmarks/sweep.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from edgenas import checkpoint as ckpt_lib
+from edgenas import cost as cost_lib
+from edgenas import data as data_lib
+from edgenas import objective as objective_lib
+from edgenas import parallel
+from edgenas import rundir
+from edgenas import search as search_lib
+from edgenas.nn import supernet as supernet_lib
+
+POP_AXIS = "pop"
+# The config fields members of one population may differ in; everything else must be equal.
+MEMBER_FIELDS = ("cost.lam", "cost.target")
+
+
+class PopulationError(ValueError):
+  """Configs that cannot be searched as one population; the message names the differing fields."""
+
+
+def population_mesh() -> Mesh:
+  return jax.make_mesh((jax.device_count(),), (POP_AXIS,))
+
+
+def padded_size(members: int, devices: int) -> int:
+  return int(math.ceil(members / devices) * devices)
+
+
+def check_population(configs: Sequence) -> None:
+  """Raises PopulationError unless the configs differ only in MEMBER_FIELDS."""
+  if not configs:
+    raise PopulationError("a population needs at least one member config")
+  first = rundir.to_jsonable(configs[0])
+  for i, c in enumerate(configs[1:], 1):
+    differences = [d[0] for d in rundir.config_differences(first, rundir.to_jsonable(c))
+                   if d[0] not in MEMBER_FIELDS]
+    if differences:
+      raise PopulationError(f"member {i} of the population differs from member 0 in {', '.join(differences)}; "
+                            f"members of one population may differ only in {', '.join(MEMBER_FIELDS)}")
+
+
+def _stack(tree, size: int):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (size,) + jnp.shape(x)), tree)
+
+
+def _pop_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array every process holds whole, placed with the population sharding (works across processes)."""
+  return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+class PopulationSteps:
+  """The jit-compiled, population-vectorised steps of one Objective on one mesh."""
+
+  def __init__(self, obj: objective_lib.Objective, mesh: Mesh, size: int):
+    self.obj, self.mesh, self.size = obj, mesh, size
+    self.pop = NamedSharding(mesh, P(POP_AXIS))
+    self.repl = NamedSharding(mesh, P())
+    # Metrics (one small vector per member) come back replicated, so every process can read all of them.
+    self.init = jax.jit(lambda rng, x: _stack(obj.init_state(rng, x), size), out_shardings=self.pop)
+    self.weight_step = jax.jit(jax.vmap(obj.weight_step, in_axes=(0, None, None)),
+                               out_shardings=(self.pop, self.repl), donate_argnums=0)
+    self.arch_step = jax.jit(jax.vmap(obj.arch_step, in_axes=(0, None, None, None, None, 0, 0)),
+                             out_shardings=(self.pop, self.repl), donate_argnums=0)
+    self.correct = jax.jit(jax.vmap(obj.eval_step, in_axes=(0, None)), out_shardings=self.repl)
+    self.gather = jax.jit(lambda tree: tree, out_shardings=self.repl)
+
+  def accuracy(self, state, split: data_lib.Split, batch_size: int) -> np.ndarray:
+    """Per-member supernet accuracy on a split (deterministic path, full batches only, as search.evaluate)."""
+    n = (len(split) // batch_size) * batch_size
+    correct = np.zeros(self.size, np.int64)
+    for i in range(0, n, batch_size):
+      batch = parallel.replicate({"image": split.images[i:i + batch_size], "label": split.labels[i:i + batch_size]},
+                                 self.mesh)
+      correct += np.asarray(jax.device_get(self.correct(state, batch)), np.int64)
+    return correct / max(1, n)
+
+  def host_arch(self, state):
+    """Every member's architecture parameters as host arrays (gathered from all processes)."""
+    return jax.device_get(self.gather(state.arch))
+
+
+def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: str) -> list[dict]:
+  """Searches every config as one population and writes each member's `arch.json` + `search.json` into its
+  workdir (same fields as `search.run_search`, plus `test_acc_supernet`); returns the member records.
+
+  `pop_dir` holds the population's checkpoints; a run started again with the same members resumes from them."""
+  if len(configs) != len(workdirs):
+    raise PopulationError(f"{len(configs)} configs but {len(workdirs)} workdirs")
+  check_population(configs)
+  for c, w in zip(configs, workdirs):
+    rundir.prepare_workdir(w, c)
+  rundir.prepare_workdir(pop_dir, {"members": [os.path.abspath(w) for w in workdirs],
+                                   "configs": [rundir.to_jsonable(c) for c in configs]})
+  t_start = time.time()
+  base = configs[0]
+  dataset = search_lib.load_data(base)
+  space, obj, plan = search_lib.build(base, dataset)
+  for c in configs:  # every member's penalty settings are valid on their own
+    search_lib.objective_config(c, plan["cost_ref"])
+  s = base.search
+  total, warmup = plan["total"], plan["warmup"]
+  mesh = population_mesh()
+  k = len(configs)
+  size = padded_size(k, jax.device_count())
+  pad = lambda values: np.asarray(list(values) + [values[-1]] * (size - k), np.float32)
+  steps = PopulationSteps(obj, mesh, size)
+  lam = _pop_array(pad([float(c.cost.lam) for c in configs]), steps.pop)
+  target = _pop_array(pad([float(c.cost.target) for c in configs]), steps.pop)
+  # Every process reads whole batches: members, not examples, are spread over the devices.
+  train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, base.seed, 0, 1)
+  val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, base.seed + 1, 0, 1)
+  search_lib.say(f"population search: {k} members ({size} slots over {jax.device_count()} device(s), "
+                 f"{jax.process_count()} process(es)), {len(space.slots())} layers, relaxation {s.relaxation}, "
+                 f"cost model {plan['cost_model']}, {total} steps ({warmup} warm-up)")
+
+  state = steps.init(jax.random.PRNGKey(base.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
+  lr_at = objective_lib.weight_lr_schedule(base.weights, total)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(pop_dir, "checkpoints"), save_every=base.checkpoint_every,
+                               keep=base.keep_checkpoints)
+  start = 0
+  try:
+    restored = ckpt.restore_latest(state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None:
+    state, start = restored.state, restored.step + 1
+    search_lib.say(f"resuming the population from checkpoint step {restored.step}")
+  writers = ([rundir.MetricsWriter(os.path.join(w, rundir.METRICS_FILE),
+                                   resume_step=restored.step if restored else -1) for w in workdirs]
+             if jax.process_index() == 0 else [])
+  progress = rundir.Progress(total, batch_size=s.batch_size * k, every_steps=base.log_every, start_step=start,
+                             log=search_lib.say)
+  t_loop = time.time()
+  try:
+    for step in range(start, total):
+      tau = jnp.float32(search_lib.tau_at(step, total, s))
+      tb = parallel.replicate(dict(zip(("image", "label"), train_stream.batch_at(step))), mesh)
+      record = {}
+      if step >= warmup:  # DARTS order, as in search.run_search: α on validation data first, then w
+        vb = parallel.replicate(dict(zip(("image", "label"), val_stream.batch_at(step))), mesh)
+        state, a_metrics = steps.arch_step(state, tb, vb, tau, jnp.float32(lr_at(step)), lam, target)
+        record.update(a_metrics)
+      state, w_metrics = steps.weight_step(state, tb, tau)
+      record.update(w_metrics)
+      record = {key: np.asarray(jax.device_get(v), np.float64)[:k] for key, v in record.items()}
+      _stop_if_non_finite(record, step, workdirs, ckpt)
+      epoch_end = (step + 1) % plan["steps_per_epoch"] == 0 or step + 1 == total
+      if epoch_end:
+        record["val_acc_supernet"] = steps.accuracy(state, dataset.val, s.batch_size)[:k]
+      if writers and (epoch_end or (step + 1) % base.log_every == 0):
+        for i, writer in enumerate(writers):
+          writer.write(step, {key: float(v[i]) for key, v in record.items()} |
+                       dict(epoch=step // plan["steps_per_epoch"], tau=float(tau)))
+      line = progress.update(step)
+      if line and "val_acc_supernet" in record:
+        search_lib.say("  val acc (supernet) " + " ".join(f"{a:.4f}" for a in record["val_acc_supernet"]))
+      ckpt.save(step, state, {"step": step})
+    if total > 0:
+      ckpt.save(total - 1, state, {"step": total - 1}, force=True)
+  finally:
+    ckpt.close()
+    for writer in writers:
+      writer.close()
+  t_end = time.time()
+  return _finish(configs, workdirs, space, obj, plan, steps, state, dataset, k,
+                 dict(total=t_end - t_start, loop=t_end - t_loop))
+
+
+def _stop_if_non_finite(record: dict, step: int, workdirs: Sequence[str], ckpt: ckpt_lib.Checkpointer) -> None:
+  for key in ("train_ce", "val_ce", "expected_cost"):
+    if key in record and not np.all(np.isfinite(record[key])):
+      bad = [workdirs[i] for i in np.flatnonzero(~np.isfinite(record[key]))]
+      ckpt.wait()
+      raise search_lib.NonFiniteLossError(
+          f"population: {key} became non-finite at step {step} for member(s) {', '.join(bad)}; stopping. The last "
+          f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.weights.lr or "
+          f"config.arch.lr, or search those members without --vectorize.")
+
+
+def _finish(configs, workdirs, space, obj, plan, steps: PopulationSteps, state, dataset, k: int,
+            seconds: dict) -> list[dict]:
+  """Derives every member, writes its arch.json and search.json, returns the records."""
+  s = configs[0].search
+  val_acc = steps.accuracy(state, dataset.val, s.batch_size)
+  test_acc = steps.accuracy(state, dataset.test, s.batch_size)
+  arch_params = steps.host_arch(state)
+  results = []
+  for i, (config, workdir) in enumerate(zip(configs, workdirs)):
+    member_arch = jax.tree.map(lambda x: x[i], arch_params)
+    arch = supernet_lib.derive(space, member_arch, s.relaxation, name=config.get("name", ""))
+    result = dict(
+        arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=float(val_acc[i]),
+        test_acc_supernet=float(test_acc[i]), expected_cost=float(obj.expected_cost(member_arch)),
+        derived_cost=float(cost_lib.architecture_cost(obj.op_cost, arch)), cost_model=plan["cost_model"],
+        cost_ref=plan["cost_ref"], steps=plan["total"], relaxation=s.relaxation,
+        probs=[np.asarray(p).round(4).tolist() for p in obj.probs(member_arch)],
+        alpha=[np.asarray(a).tolist() for a in member_arch["alpha"]],
+        candidates=[[c.name for c in slot.candidates] for slot in space.slots()],
+        seconds=seconds, devices=jax.device_count(), population=dict(size=k, index=i))
+    if jax.process_index() == 0:
+      arch.save(os.path.join(workdir, search_lib.ARCH_FILE))
+      rundir.atomic_write_json(os.path.join(workdir, search_lib.RESULT_FILE), result)
+    search_lib.say(f"derived {arch.hash()} (λ={float(config.cost.lam):g}): {' '.join(arch.summary()['layers'])}  "
+                   f"({arch.macs()} MACs); written to {workdir}")
+    results.append(result)
+  return results

@@ -1,0 +1,47 @@
+"""Sweep the energy penalty: `python -m launch.sweep --config=experiments/digits.py --workdir=DIR
+--lambdas=0,0.1,0.3,1,3 [--platforms=a,b] [--targets=T1,T2] [--vectorize] [--retrain] [--export] [--multihost]`.
+
+Every member searches (and derives) in DIR/members/<id>/; DIR gets sweep.json, pareto.json, pareto.png and
+summary.md. Starting it again on the same workdir skips finished members and resumes the others.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (resumed if it exists).", required=True)
+_LAMBDAS = flags.DEFINE_string("lambdas", None, "Comma-separated energy-penalty weights λ >= 0.", required=True)
+_PLATFORMS = flags.DEFINE_string("platforms", "", "Comma-separated platforms (default: config.cost.platform).")
+_TARGETS = flags.DEFINE_string("targets", "", "Comma-separated energy targets T (target/multiplicative penalty).")
+_VECTORIZE = flags.DEFINE_bool("vectorize", False, "Search each platform's members as one vmapped population.")
+_RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain every member and the config's baselines.")
+_EXPORT = flags.DEFINE_bool("export", False, "Export every retrained member to int8 TFLite Micro (implies "
+                            "--retrain).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+
+
+def main(argv):
+  del argv
+  from edgenas import parallel, sweep
+  if _MULTIHOST.value:
+    parallel.initialize_multihost()
+  common.enable_compilation_cache()
+
+  def run():
+    return sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.parse_values(_LAMBDAS.value, "lambdas"),
+                           [p.strip() for p in _PLATFORMS.value.split(",") if p.strip()],
+                           sweep.parse_values(_TARGETS.value, "targets"), vectorize=_VECTORIZE.value,
+                           retrain=_RETRAIN.value, export=_EXPORT.value)
+
+  result = common.run_or_exit(run)
+  key = result["accuracy_key"]
+  for r in result["members"]:
+    acc = "–" if r.get(key) is None else f"{r[key]:.4f}"
+    energy = "–" if r.get("energy_uj") is None else f"{r['energy_uj']:.4g} µJ"
+    print(f"{r['id']}: {r['status']}  {key} {acc}  energy {energy}{'  [front]' if r.get('on_front') else ''}")
+  print(f"-> {_WORKDIR.value}/sweep.json, pareto.json, pareto.png, summary.md")
+
+
+if __name__ == "__main__":
+  app.run(main)
