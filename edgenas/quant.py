@@ -21,6 +21,7 @@ fake-quantised weights are the folded weights the exporter will quantise.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import flax
@@ -93,6 +94,11 @@ class QuantState:
 
 def activation_names(arch: space_lib.Architecture) -> list[str]:
   """Names of the tensors `forward_folded` offers to `act_fn`, in execution order (traced, never computed)."""
+  return list(_activation_names(arch))
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_names(arch: space_lib.Architecture) -> tuple[str, ...]:
   names = []
 
   def record(name, y):
@@ -103,7 +109,7 @@ def activation_names(arch: space_lib.Architecture) -> list[str]:
   x = jax.ShapeDtypeStruct((1,) + tuple(arch.input_shape), jnp.float32)
   jax.eval_shape(lambda v, x: model_lib.forward_folded(arch, model_lib.fold_batchnorm(arch, v), x, act_fn=record),
                  variables, x)
-  return names
+  return tuple(names)
 
 
 def init_quant_state(arch: space_lib.Architecture) -> QuantState:

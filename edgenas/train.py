@@ -318,7 +318,7 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
     for step in range(start, total):
       images, labels = stream.batch_at(step)
       images = data_lib.augment(images, np.random.default_rng([config.seed, step]), rc.max_shift, flip)
-      batch = parallel.global_batch({"image": images, "label": labels}, mesh)
+      batch = _device_batch({"image": images, "label": labels}, mesh)
       step_fn = qat_step if step >= qat_start else float_step
       state, record = step_fn(state, batch)
       record = {k: float(v) for k, v in record.items()}
@@ -352,6 +352,14 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
   say(f"retrained {arch.hash()}: test acc float {report['test_acc_float']:.4f}, fake-quant int8 "
       f"{report['test_acc_fake_quant']:.4f}; report in {report_path}")
   return report
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+  """The batch sharded over the mesh; on a single device as plain arrays, since the CPU depthwise kernel's
+  chunked weight gradient (a lax.scan over the batch) rejects batch-sharded inputs."""
+  if jax.device_count() == 1:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  return parallel.global_batch(batch, mesh)
 
 
 def _stop_non_finite(workdir: str, ckpt: ckpt_lib.Checkpointer, step: int, value) -> None:
