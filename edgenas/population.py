@@ -47,7 +47,9 @@ class PopulationError(ValueError):
 
 
 def population_mesh() -> Mesh:
-  return jax.make_mesh((jax.device_count(),), (POP_AXIS,))
+  # Auto axis: XLA partitions the vmapped steps itself. With explicit sharding-in-types the batched convolutions'
+  # reshapes would each need an out_sharding.
+  return jax.make_mesh((jax.device_count(),), (POP_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def padded_size(members: int, devices: int) -> int:

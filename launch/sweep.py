@@ -19,13 +19,19 @@ _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain every member and the con
 _EXPORT = flags.DEFINE_bool("export", False, "Export every retrained member to int8 TFLite Micro (implies "
                             "--retrain).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+# Only needed where JAX cannot detect the cluster itself (e.g. processes started by hand on one machine).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--multihost: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--multihost: this process's index.")
 
 
 def main(argv):
   del argv
-  from edgenas import parallel, sweep
+  import jax
+  from edgenas import sweep
   if _MULTIHOST.value:
-    parallel.initialize_multihost()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   common.enable_compilation_cache()
 
   def run():
@@ -35,6 +41,8 @@ def main(argv):
                            retrain=_RETRAIN.value, export=_EXPORT.value)
 
   result = common.run_or_exit(run)
+  if jax.process_index() != 0:
+    return
   key = result["accuracy_key"]
   for r in result["members"]:
     acc = "–" if r.get(key) is None else f"{r[key]:.4f}"
