@@ -10,10 +10,11 @@
   reference code does; the head stays 1280 for widths below 1 (as in the paper).
   Scaled to the input:
     * strides: MobileNetV2 downsamples 32x at five places (stem, and the first block of the 24, 32, 64 and 160
-      stages). Only as many of them are kept, counting from the *last*, as leave a final map of at least 2x2:
-      k = min(5, floor(log2(min(H, W) / 2))). The earliest ones are dropped first, as the usual CIFAR adaptation
-      of MobileNetV2 does (stride-1 stem). 224x224 keeps all five; 32x32 keeps four (stem stride 1); 8x8 (digits)
-      keeps two (the 64 and 160 stages), so the maps are 8x8 up to the 32 stage, 4x4, then 2x2.
+      stages). Only as many of them are kept, counting from the *last*, as leave a final map of at least 1x1:
+      k = min(5, floor(log2(min(H, W)))). The earliest ones are dropped first, as the usual CIFAR adaptation of
+      MobileNetV2 does (stride-1 stem). 224x224 and 32x32 keep all five; 8x8 (digits) keeps three (the 32, 64
+      and 160 stages), so the maps are 8x8 up to the 24 stage, then 4x4, 2x2, and 1x1 for the 160 and 320
+      stages and the head.
     * depth: for inputs smaller than 32x32 a reduced-depth variant, repeats (1,1,2,2,1,1,1) instead of
       (1,2,3,4,3,3,1): 9 blocks instead of 17, since a 8x8 map has no room for the features the deep stages
       were sized for, and the full depth would only add cost. 32x32 and larger use the paper's depth.
@@ -53,7 +54,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 def _kept_strides(input_shape) -> int:
   side = min(input_shape[0], input_shape[1])
-  return max(0, min(5, int(math.floor(math.log2(side / 2))))) if side >= 2 else 0
+  return min(5, int(math.floor(math.log2(side))))
 
 
 def mobilenetv2(input_shape, num_classes: int, width: float = 1.0, name: str = "") -> space_lib.Architecture:

@@ -175,7 +175,7 @@ class Trainer:
 
   def _metrics(self, loss, logits, labels, grads, step):
     return dict(loss=loss, train_acc=jnp.mean(jnp.argmax(logits, -1) == labels),
-                grad_norm=optax.global_norm(grads), lr=self.lr(step))
+                grad_norm=optax.tree.norm(grads), lr=self.lr(step))
 
   def float_step(self, state: RetrainState, batch):
     """Plain training: BatchNorm with batch statistics, running statistics updated."""
@@ -323,7 +323,7 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
       state, record = step_fn(state, batch)
       record = {k: float(v) for k, v in record.items()}
       if not math.isfinite(record["loss"]):
-        _stop_non_finite(workdir, ckpt, step, record["loss"])
+        _stop_non_finite(workdir, ckpt, step, f"the loss became {record['loss']}")
       epoch_end = (step + 1) % steps_per_epoch == 0
       if epoch_end or (step + 1) % config.log_every == 0:
         record.update(epoch=step // steps_per_epoch, qat=step >= qat_start)
@@ -334,7 +334,7 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
       try:
         ckpt.save(step, state, {"step": step, "train_seconds": seconds_before + time.time() - t_loop})
       except ckpt_lib.NonFiniteStateError:
-        _stop_non_finite(workdir, ckpt, step, "a non-finite parameter")
+        _stop_non_finite(workdir, ckpt, step, "the parameters became NaN/Inf")
     if total > 0:
       ckpt.save(total - 1, state, {"step": total - 1, "train_seconds": seconds_before + time.time() - t_loop},
                 force=True)
@@ -362,10 +362,10 @@ def _device_batch(batch: dict, mesh) -> dict:
   return parallel.global_batch(batch, mesh)
 
 
-def _stop_non_finite(workdir: str, ckpt: ckpt_lib.Checkpointer, step: int, value) -> None:
+def _stop_non_finite(workdir: str, ckpt: ckpt_lib.Checkpointer, step: int, what: str) -> None:
   ckpt.wait()
   raise NonFiniteLossError(
-      f"{workdir}: the loss became {value} at step {step}; stopping. The last good checkpoint is step "
+      f"{workdir}: {what} at step {step}; stopping. The last good checkpoint is step "
       f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.retrain.lr.")
 
 

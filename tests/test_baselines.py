@@ -34,23 +34,26 @@ def test_width_035_rounds_channels_to_multiples_of_8_and_keeps_the_1280_head():
   assert arch.macs() < baselines.baseline_architecture("mobilenetv2_1.0", (224, 224, 3), 1000).macs() / 3
 
 
-def test_digits_variant_has_reduced_depth_and_keeps_maps_of_at_least_2x2():
+def test_digits_variant_has_reduced_depth_and_keeps_maps_of_at_least_1x1():
   archs = baselines.baseline_architectures((8, 8, 1), 10)
   assert set(archs) == {"mobilenetv2_1.0", "mobilenetv2_0.35", "dscnn"}
   for name in ("mobilenetv2_1.0", "mobilenetv2_0.35"):
     arch = archs[name]
     assert len(arch.layers) == 9
     assert arch.stem.stride == 1
-    assert [l.stride for l in arch.layers] == [1, 1, 1, 1, 2, 1, 1, 2, 1]  # the 64 and 160 stages downsample
-    assert [s[:2] for s in arch.feature_shapes()][-1] == (2, 2)
+    assert [l.stride for l in arch.layers] == [1, 1, 2, 1, 2, 1, 1, 2, 1]  # the 32, 64 and 160 stages downsample
+    assert [s[:2] for s in arch.feature_shapes()] == [(8, 8)] * 3 + [(4, 4)] * 2 + [(2, 2)] * 3 + [(1, 1)] * 2
     assert arch.name == name
   assert archs["mobilenetv2_0.35"].macs() < archs["mobilenetv2_1.0"].macs()
 
 
-def test_32x32_keeps_four_of_the_five_downsamplings_at_full_depth():
-  arch = baselines.baseline_architecture("mobilenetv2_1.0", (32, 32, 3), 10)
-  assert len(arch.layers) == 17 and arch.stem.stride == 1
-  assert baselines.final_map(arch) == (2, 2)
+def test_16x16_keeps_four_of_the_five_downsamplings():
+  arch = baselines.baseline_architecture("mobilenetv2_1.0", (16, 16, 3), 10)
+  assert len(arch.layers) == 9 and arch.stem.stride == 1
+  assert sum(l.stride == 2 for l in arch.layers) == 4
+  assert baselines.final_map(arch) == (1, 1)
+  full = baselines.baseline_architecture("mobilenetv2_1.0", (32, 32, 3), 10)
+  assert len(full.layers) == 17 and full.stem.stride == 2
 
 
 def test_dscnn_is_a_plain_depthwise_separable_stack():
