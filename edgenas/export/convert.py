@@ -12,13 +12,14 @@ Two things are fixed while the network is traced for conversion (`tflite_lowerin
     (k*k shifted multiply-adds, which would convert into dozens of MUL/ADD operators).
 Both are the same arithmetic; `tests/test_export.py` checks the traced function against `forward_folded`.
 
-Activation ranges from QAT are respected by clipping each tensor at its (nudged) int8 range through the `act_fn`
-hook: the converter's min/max calibration then cannot see a wider range than training used, and where training
-saturated a tensor the calibrated range is exactly the trained one. Where calibration sees a narrower range, the
-int8 grid is finer than QAT's, never coarser. The converter writes each clip as separate RELU6/MINIMUM/MAXIMUM
-operators; `fold_clamps` removes them again by letting the producing conv/add write the clamped tensor directly:
-a clamp whose bounds hold the tensor's whole int8 range is exactly int8 saturation, which the producer's
-requantization already does.
+Activation ranges from QAT are respected exactly (`apply_ranges`): after conversion, every tensor the network
+materialises, the input included, gets the scale and zero point QAT used for it (`edgenas.quant.activation_qparams` of its range, the
+same nudged formula TFLite uses), and the int32 biases of the operators reading a re-scaled tensor are re-scaled
+with it (bias scale = input scale x weight scale). TFLM derives every requantization multiplier from these
+scales when it prepares the model, so the int8 model then computes with QAT's grids. Min/max calibration alone
+does not: it sees a few hundred images, so its ranges are narrower than QAT's moving averages, and tensors
+saturate in int8 where the fake-quant network did not. One tensor cannot follow QAT: TFLite's int8
+AVERAGE_POOL_2D keeps its input's quantization, so the pooled vector uses the last feature map's grid.
 
 TensorFlow and LiteRT are imported inside the functions that need them.
 """
@@ -38,14 +39,10 @@ from edgenas.nn import depthwise as depthwise_lib
 from edgenas.nn import model as model_lib
 
 DEFAULT_CALIBRATION_IMAGES = 256
-# Not clipped: the input is quantised by the caller over the data range (a clip would convert into a RELU of its
-# own), and TFLite's int8 AVERAGE_POOL_2D keeps its input's quantization, so the pooled range is not free to set.
-UNCLIPPED_TENSORS = ("input", "pool")
-PROJECT_SUFFIX, ADD_SUFFIX = "_project", "_add"  # forward_folded's names in a residual block
-# Elementwise clamps the converter emits for the range clips, and the operators that can absorb them: those whose
-# output requantization TFLM derives from the output tensor's scale at Prepare time.
-CLAMP_OPS = ("RELU", "RELU6", "RELU_0_TO_1", "RELU_N1_TO_1", "MINIMUM", "MAXIMUM")
-CLAMP_ABSORBERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD")
+# TFLite operator of each tensor `forward_folded` names (by its suffix), for matching the converted graph.
+_OP_OF_TENSOR = (("_expand", ("CONV_2D",)), ("_dw", ("DEPTHWISE_CONV_2D",)), ("_project", ("CONV_2D",)),
+                 ("_add", ("ADD",)))
+_BIASED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def _pointwise_as_conv(x, w):
@@ -64,36 +61,9 @@ def tflite_lowering():
     model_lib.pointwise, model_lib.depthwise_conv = saved
 
 
-def clip_to_ranges(ranges: Mapping[str, np.ndarray]) -> Callable:
-  """An `act_fn` clipping every tensor at the int8 range QAT used for it (widened to hold 0 and nudged, exactly
-  as `edgenas.quant.fake_quant_activation` quantises)."""
-  from edgenas import quant as quant_lib  # only QAT-trained models need it
-
-  bounds = {}
-  for name, r in ranges.items():
-    lo, hi = (float(v) for v in np.asarray(r).reshape(-1)[:2])
-    _, _, qlo, qhi = quant_lib.activation_qparams(jnp.float32(lo), jnp.float32(hi))
-    bounds[name] = (float(qlo), float(qhi))
-
-  def act_fn(name, y):
-    # A residual block's projection feeds only its add, and the converter gives a clamp between the two the
-    # add's quantization, so it would stay as a MINIMUM/MAXIMUM operator; the sum's range is clipped instead.
-    if name in UNCLIPPED_TENSORS or (name.endswith(PROJECT_SUFFIX) and
-                                     name[:-len(PROJECT_SUFFIX)] + ADD_SUFFIX in bounds):
-      return y
-    if name not in bounds:
-      raise errors.ExportError(f"activation ranges: no range for tensor {name!r}; the ranges given hold "
-                               f"{', '.join(sorted(bounds)) or 'nothing'}")
-    lo, hi = bounds[name]
-    return jnp.clip(y, lo, hi)
-
-  return act_fn
-
-
-def inference_fn(arch: space_lib.Architecture, folded: dict, act_ranges: Optional[Mapping] = None) -> Callable:
-  """images -> logits of the BN-folded network, clipped at `act_ranges` when given (float, unquantised)."""
-  act_fn = clip_to_ranges(act_ranges) if act_ranges is not None else None
-  return lambda x: model_lib.forward_folded(arch, folded, x, act_fn=act_fn)
+def inference_fn(arch: space_lib.Architecture, folded: dict) -> Callable:
+  """images -> logits of the BN-folded float network."""
+  return lambda x: model_lib.forward_folded(arch, folded, x)
 
 
 def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np.ndarray,
@@ -109,7 +79,7 @@ def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np
     raise errors.ExportError("no calibration images: the representative dataset is empty")
   folded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), folded)
   with tflite_lowering():
-    fn = inference_fn(arch, folded, act_ranges)
+    fn = inference_fn(arch, folded)
     # Batch 1 is what the device runs; a fixed shape keeps every tensor static for TFLM.
     tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
                         input_signature=[tf.TensorSpec((1,) + tuple(arch.input_shape), tf.float32)])
@@ -130,71 +100,73 @@ def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np
   except Exception as e:  # the converter reports failures as several internal exception types
     raise errors.ExportError(f"the TFLite converter failed on architecture {arch.hash()}: "
                              f"{type(e).__name__}: {str(e)[:2000]}") from e
-  return strip_names(fold_clamps(flatbuffer))
+  if act_ranges is not None:
+    flatbuffer = apply_ranges(flatbuffer, arch, act_ranges)
+  return strip_names(flatbuffer)
 
 
-def _constant_value(model, tensor) -> Optional[float]:
-  """The dequantised value of a constant int8 scalar (or all-equal) tensor, else None."""
-  buffer = model.buffers[tensor.buffer] if 0 < tensor.buffer < len(model.buffers) else None
-  if buffer is None or buffer.data is None or len(buffer.data) == 0 or tensor.quantization is None:
-    return None
-  values = np.frombuffer(bytes(bytearray(buffer.data)), np.int8)
-  if values.size == 0 or np.any(values != values[0]) or tensor.quantization.scale is None:
-    return None
-  return float(tensor.quantization.scale[0]) * (int(values[0]) - int(tensor.quantization.zeroPoint[0]))
+def _expected_ops(arch: space_lib.Architecture) -> list[tuple[str, tuple[str, ...]]]:
+  """(tensor name, TFLite operators that may produce it) in execution order. The stem may be a depthwise conv:
+  the converter writes a conv over one input channel as DEPTHWISE_CONV_2D with a channel multiplier."""
+  from edgenas import quant as quant_lib
+  out = []
+  for name in quant_lib.activation_names(arch):
+    if name == "input":
+      continue
+    if name in ("stem", "head"):
+      out.append((name, ("CONV_2D", "DEPTHWISE_CONV_2D") if name == "stem" else ("CONV_2D",)))
+    elif name == "pool":
+      out.append((name, ("AVERAGE_POOL_2D",)))
+    elif name == "classifier":
+      out.append((name, ("FULLY_CONNECTED",)))
+    else:
+      out.append((name, next(ops for suffix, ops in _OP_OF_TENSOR if name.endswith(suffix))))
+  return out
 
 
-def _int8_range(tensor) -> Optional[tuple[float, float]]:
-  q = tensor.quantization
-  if q is None or q.scale is None or len(q.scale) != 1:
-    return None
-  scale, zero_point = float(q.scale[0]), int(q.zeroPoint[0])
-  return scale * (-128 - zero_point), scale * (127 - zero_point)
-
-
-def fold_clamps(flatbuffer: bytes) -> bytes:
-  """Removes RELU/RELU6/MINIMUM/MAXIMUM operators that only saturate: when a clamp's input comes from a
-  conv, depthwise, fully-connected or add (and feeds nothing else), and the clamp's bounds hold its output's whole
-  int8 range (within one step), the producer writes the clamp's output tensor itself."""
-  fb_utils = errors.require("ai_edge_litert.tools.flatbuffer_utils", "rewriting the converted model")
-  schema = errors.require("ai_edge_litert.schema_py_generated", "rewriting the converted model")
+def apply_ranges(flatbuffer: bytes, arch: space_lib.Architecture, ranges: Mapping) -> bytes:
+  """The model with every activation tensor quantised on the grid QAT used for it (see the module docstring);
+  the converted operators must match `arch` one to one, else ExportError names the first that does not."""
+  from edgenas import quant as quant_lib
+  fb_utils = errors.require("ai_edge_litert.tools.flatbuffer_utils", "setting the trained activation ranges")
+  schema = errors.require("ai_edge_litert.schema_py_generated", "setting the trained activation ranges")
   model = fb_utils.convert_bytearray_to_object(bytearray(flatbuffer))
   graph = model.subgraphs[0]
-  names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-
-  def op_name(op):
-    code = model.operatorCodes[op.opcodeIndex]
-    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
-
-  readers: dict[int, int] = {}
-  for op in graph.operators:
-    for t in op.inputs:
-      readers[t] = readers.get(t, 0) + 1
-  for t in graph.outputs:
-    readers[t] = readers.get(t, 0) + 1
-  producer = {t: op for op in graph.operators for t in op.outputs}
-  bounds = {"RELU": (0.0, np.inf), "RELU6": (0.0, 6.0), "RELU_0_TO_1": (0.0, 1.0), "RELU_N1_TO_1": (-1.0, 1.0)}
-  kept = []
-  for op in graph.operators:
-    kind = op_name(op)
-    source = producer.get(op.inputs[0]) if kind in CLAMP_OPS else None
-    if source is None or op_name(source) not in CLAMP_ABSORBERS or readers.get(op.inputs[0]) != 1:
-      kept.append(op)
+  op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+  kinds = [op_names.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                            model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode), "?") for op in graph.operators]
+  expected = _expected_ops(arch)
+  if len(kinds) != len(expected) or any(k not in allowed for k, (_, allowed) in zip(kinds, expected)):
+    raise errors.ExportError(f"the converted model's operators {kinds} do not match architecture {arch.hash()} "
+                             f"({[allowed[0] for _, allowed in expected]}); cannot apply its activation ranges")
+  old_scale = {i: float(t.quantization.scale[0]) for i, t in enumerate(graph.tensors)
+               if t.quantization is not None and t.quantization.scale is not None and len(t.quantization.scale)}
+  # The input too: the caller quantises images with the model's input parameters, which then clip as QAT did.
+  produced = [(graph.inputs[0], "INPUT", "input")]
+  produced += [(op.outputs[0], kind, name) for op, kind, (name, _) in zip(graph.operators, kinds, expected)]
+  for (tensor, kind, name), op in zip(produced, [None] + list(graph.operators)):
+    out = graph.tensors[tensor]
+    if kind == "AVERAGE_POOL_2D":  # int8 pooling keeps its input's quantization
+      source = graph.tensors[op.inputs[0]].quantization
+      out.quantization.scale, out.quantization.zeroPoint = list(source.scale), list(source.zeroPoint)
       continue
-    if kind in ("MINIMUM", "MAXIMUM"):
-      c = _constant_value(model, graph.tensors[op.inputs[1]]) if len(op.inputs) == 2 else None
-      lo, hi = (None, None) if c is None else ((-np.inf, c) if kind == "MINIMUM" else (c, np.inf))
-    else:
-      lo, hi = bounds[kind]
-    out = graph.tensors[op.outputs[0]]
-    rng = _int8_range(out)
-    step = float(out.quantization.scale[0]) if rng is not None else 0.0
-    if lo is None or rng is None or rng[0] < lo - step or rng[1] > hi + step:
-      kept.append(op)
+    if name not in ranges:
+      raise errors.ExportError(f"activation ranges: no range for tensor {name!r}; the ranges given hold "
+                               f"{', '.join(sorted(ranges)) or 'nothing'}")
+    lo, hi = (float(v) for v in np.asarray(ranges[name]).reshape(-1)[:2])
+    scale, zero_point, _, _ = quant_lib.activation_qparams(jnp.float32(lo), jnp.float32(hi))
+    out.quantization.scale, out.quantization.zeroPoint = [float(scale)], [int(zero_point)]
+  for op, kind in zip(graph.operators, kinds):
+    if kind not in _BIASED_OPS or len(op.inputs) < 3 or op.inputs[2] < 0:
       continue
-    source.outputs[0] = op.outputs[0]
-    producer[op.outputs[0]] = source
-  graph.operators = kept
+    x, w, b = (graph.tensors[i] for i in op.inputs[:3])
+    ratio = old_scale[op.inputs[0]] / float(x.quantization.scale[0])
+    if ratio == 1.0:
+      continue
+    buffer = model.buffers[b.buffer]
+    bias = np.frombuffer(bytes(bytearray(buffer.data)), np.int32).astype(np.float64)
+    buffer.data = np.round(bias * ratio).astype(np.int32).view(np.uint8)
+    b.quantization.scale = [float(x.quantization.scale[0]) * float(s) for s in w.quantization.scale]
   return bytes(fb_utils.convert_object_to_bytearray(model))
 
 
