@@ -145,8 +145,10 @@ class Objective:
     w_virtual = jax.tree.map(lambda w, g: w - xi * g, state.weights, w_grad)
     (_, aux), (gw, ga) = jax.value_and_grad(self.arch_loss, argnums=(0, 1), has_aux=True)(
         w_virtual, state.arch, val_batch, r_val, tau, lam, target)
-    # d/dε ∇_α L_train(w + ε·gw, α) at ε = 0: the exact Hessian-vector product, forward over reverse.
-    grad_a_train = lambda w: jax.grad(train_ce, argnums=1)(w, state.arch)
+    # d/dε ∇_α L_train(w + ε·gw, α) at ε = 0: the exact Hessian-vector product, forward over reverse. The inner
+    # gradient is taken in (w, α) jointly so that w is differentiated by both passes: the depthwise conv's custom
+    # VJP supports jvp-of-grad only for inputs the inner grad also differentiates.
+    grad_a_train = lambda w: jax.grad(train_ce, argnums=(0, 1))(w, state.arch)[1]
     _, hvp = jax.jvp(grad_a_train, (state.weights,), (gw,))
     return jax.tree.map(lambda a, h: a - xi * h, ga, hvp), aux
 
