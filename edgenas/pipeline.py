@@ -1,0 +1,117 @@
+"""The whole job in one call: search → derive → retrain → export, with the baselines retrained on the same budget,
+ending in a side-by-side table.
+
+Layout of the pipeline's workdir (each stage is an ordinary workdir of its own launcher, so any stage can be
+re-run or inspected with the launcher alone, and a pipeline started again resumes stage by stage):
+
+  DIR/search/            launch.search:  arch.json, search.json, metrics.jsonl, checkpoints/
+  DIR/retrain/           launch.retrain: report.json, checkpoints/, export/ (launch.export: model.tflite, C sources)
+  DIR/baselines/<name>/  launch.retrain on each hand-designed reference network
+  DIR/summary.json, DIR/summary.md
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from edgenas import baselines as baselines_lib
+from edgenas import rundir
+from edgenas import search as search_lib
+from edgenas import space as space_lib
+from edgenas import train as train_lib
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+
+
+def _row(name: str, report: dict, platform: str, export_report: dict | None = None) -> dict:
+  cost = report["platforms"][platform]
+  row = dict(network=name, arch_hash=report["arch_hash"], test_acc_float=report["test_acc_float"],
+             test_acc_fake_quant=report["test_acc_fake_quant"], energy_uj=cost["energy_uj"],
+             latency_ms=cost["latency_ms"], peak_sram_bytes=cost["peak_sram_bytes"], flash_bytes=cost["flash_bytes"],
+             macs=report["macs"], params=report["params"])
+  if export_report is not None:
+    row.update(test_acc_int8_tflm=export_report["accuracy"]["int8_tflm"],
+               argmax_agreement_int8=export_report["accuracy"]["argmax_agreement_int8_float"],
+               arena_bytes_tflm=export_report["arena"]["measured_tflm_bytes"],
+               tflite_bytes=export_report["tflite_bytes"])
+  return row
+
+
+def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool = True) -> dict:
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  platform = config.cost.platform
+  search_dir = os.path.join(workdir, "search")
+  search_lib.say("== 1/4 search ==")
+  search_result = search_lib.run_search(config, search_dir)
+  arch = space_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
+  t_search = time.time()
+
+  search_lib.say("== 2/4 retrain the searched network ==")
+  retrain_dir = os.path.join(workdir, "retrain")
+  report = train_lib.run_retrain(config, arch, retrain_dir, platforms=[platform])
+  t_retrain = time.time()
+
+  export_report, export_dir = None, None
+  if export:
+    search_lib.say("== 3/4 export to TFLite Micro and verify in the TFLM interpreter ==")
+    from edgenas import export as export_lib
+    export_dir = os.path.join(retrain_dir, "export")
+    export_report = export_lib.export_workdir(retrain_dir, [platform], out_dir=export_dir)
+  t_export = time.time()
+
+  rows = [_row("searched", report, platform, export_report)]
+  if baselines:
+    search_lib.say("== 4/4 baselines, same data, budget and cost model ==")
+    shape = tuple(arch.input_shape)
+    for name, base in baselines_lib.baseline_architectures(shape, arch.num_classes,
+                                                           names=tuple(config.baselines)).items():
+      base_report = train_lib.run_retrain(config, base, os.path.join(workdir, "baselines", name),
+                                          platforms=[platform])
+      rows.append(_row(name, base_report, platform))
+  t_end = time.time()
+
+  ref = next((r for r in rows if r["network"] == "mobilenetv2_1.0"), None)
+  for r in rows:
+    r["energy_vs_mobilenetv2_1.0"] = r["energy_uj"] / ref["energy_uj"] if ref else None
+  summary = dict(
+      platform=platform, dataset=config.dataset, rows=rows, search=dict(
+          arch_hash=search_result["arch_hash"], layers=search_result["arch"]["layers"],
+          val_acc_supernet=search_result["val_acc_supernet"], cost_model=search_result["cost_model"],
+          lam=config.cost.lam, penalty=config.cost.penalty),
+      seconds=dict(search=t_search - t0, retrain=t_retrain - t_search, export=t_export - t_retrain,
+                   baselines=t_end - t_export, total=t_end - t0),
+      files=dict(arch=os.path.join(search_dir, search_lib.ARCH_FILE),
+                 retrain_report=os.path.join(retrain_dir, train_lib.REPORT_FILE),
+                 export=export_dir, tflite=os.path.join(export_dir, "model.tflite") if export_dir else None,
+                 export_report=os.path.join(export_dir, "report.json") if export_dir else None))
+  rundir.atomic_write_json(os.path.join(workdir, SUMMARY_JSON), summary)
+  table = summary_table(summary)
+  with open(os.path.join(workdir, SUMMARY_MD), "w") as f:
+    f.write(table + "\n")
+  search_lib.say("\n" + table)
+  return summary
+
+
+def summary_table(summary: dict) -> str:
+  """A Markdown table a person reads at a glance, plus where the files are."""
+  lines = [f"Platform {summary['platform']}, dataset {summary['dataset']}; searched with {summary['search']['penalty']}"
+           f" penalty λ={summary['search']['lam']} on {summary['search']['cost_model']}",
+           "",
+           "| network | test acc (float) | test acc (int8 fake-quant) | test acc (int8, TFLM) | energy µJ | "
+           "vs MBV2-1.0 | latency ms | peak SRAM KiB | flash KiB | MACs |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in summary["rows"]:
+    tflm = r.get("test_acc_int8_tflm")
+    ratio = r.get("energy_vs_mobilenetv2_1.0")
+    lines.append(
+        f"| {r['network']} | {100 * r['test_acc_float']:.2f}% | {100 * r['test_acc_fake_quant']:.2f}% | "
+        f"{'' if tflm is None else f'{100 * tflm:.2f}%'} | {r['energy_uj']:.1f} | "
+        f"{'' if ratio is None else f'{100 * ratio:.1f}%'} | {r['latency_ms']:.2f} | "
+        f"{r['peak_sram_bytes'] / 1024:.1f} | {r['flash_bytes'] / 1024:.1f} | {r['macs']:,} |")
+  s = summary["seconds"]
+  lines += ["", f"Wall time: {s['total']:.0f} s (search {s['search']:.0f}, retrain {s['retrain']:.0f}, export "
+                f"{s['export']:.0f}, baselines {s['baselines']:.0f})", "", "Files:"]
+  lines += [f"- {k}: {v}" for k, v in summary["files"].items() if v]
+  return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""The whole job: `python -m launch.pipeline --config=experiments/digits.py --workdir=runs/digits`.
+
+Search → derive → retrain (quantization-aware) → export to int8 TFLite Micro and verify it in the TFLM interpreter,
+then the hand-designed baselines on the same budget, ending with a table of accuracy, energy, latency, SRAM and
+flash. Started again on the same workdir, it resumes where it stopped and never redoes a finished stage.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
+_BASELINES = flags.DEFINE_bool("baselines", True, "Also retrain the baselines for the comparison table.")
+_EXPORT = flags.DEFINE_bool("export", True, "Export and verify the searched network in TFLite Micro.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+
+
+def main(argv):
+  del argv
+  from edgenas import parallel, pipeline
+  if _MULTIHOST.value:
+    parallel.initialize_multihost()
+  common.enable_compilation_cache()
+  common.run_or_exit(pipeline.run_pipeline, _CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
+                     export=_EXPORT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
