@@ -14,7 +14,9 @@ device count is padded with copies of its last member, whose results are dropped
 
 Under vmap, the Gumbel relaxation's `lax.switch` becomes a `select`: every candidate runs for every member. The
 per-step arithmetic is then that of the softmax relaxation; what a population saves on CPU is compile,
-initialisation and data time (see /work/shared/ARCHITECTURE.md and benchmarks/sweep.py).
+initialisation and data time (see /work/shared/ARCHITECTURE.md and benchmarks/sweep.py). `chunk` trades that
+off: members are stepped `chunk` at a time (`jax.lax.map` over the population, vmapped within a chunk); `chunk=1`
+is a loop over members inside the one compiled program, where each member's switch runs only its sampled branch.
 """
 from __future__ import annotations
 
@@ -69,6 +71,24 @@ def check_population(configs: Sequence) -> None:
                             f"members of one population may differ only in {', '.join(MEMBER_FIELDS)}")
 
 
+def over_population(fn, in_axes: tuple, chunk: int, size: int):
+  """fn mapped over the population axis of the arguments whose in_axes entry is 0 (the others are shared):
+  one vmap when chunk is 0 or covers the population, else `lax.map` over chunks of `chunk` members."""
+  if not chunk or chunk >= size:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def mapped(*args):
+    per_member = tuple(a for a, axis in zip(args, in_axes) if axis == 0)
+
+    def one(xs):
+      it = iter(xs)
+      return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+
+    return jax.lax.map(one, per_member, batch_size=chunk if chunk > 1 else None)
+
+  return mapped
+
+
 def _stack(tree, size: int):
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (size,) + jnp.shape(x)), tree)
 
@@ -81,15 +101,18 @@ def _pop_array(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
 class PopulationSteps:
   """The jit-compiled, population-vectorised steps of one Objective on one mesh."""
 
-  def __init__(self, obj: objective_lib.Objective, mesh: Mesh, size: int):
+  def __init__(self, obj: objective_lib.Objective, mesh: Mesh, size: int, chunk: int = 0):
+    if chunk and chunk < size and mesh.size > 1:
+      raise PopulationError(f"a population chunk of {chunk} needs a single device; on {mesh.size} devices the "
+                            f"population is already split across them (use chunk 0)")
     self.obj, self.mesh, self.size = obj, mesh, size
     self.pop = NamedSharding(mesh, P(POP_AXIS))
     self.repl = NamedSharding(mesh, P())
     # Metrics (one small vector per member) come back replicated, so every process can read all of them.
     self.init = jax.jit(lambda rng, x: _stack(obj.init_state(rng, x), size), out_shardings=self.pop)
-    self.weight_step = jax.jit(jax.vmap(obj.weight_step, in_axes=(0, None, None)),
+    self.weight_step = jax.jit(over_population(obj.weight_step, (0, None, None), chunk, size),
                                out_shardings=(self.pop, self.repl), donate_argnums=0)
-    self.arch_step = jax.jit(jax.vmap(obj.arch_step, in_axes=(0, None, None, None, None, 0, 0)),
+    self.arch_step = jax.jit(over_population(obj.arch_step, (0, None, None, None, None, 0, 0), chunk, size),
                              out_shardings=(self.pop, self.repl), donate_argnums=0)
     self.correct = jax.jit(jax.vmap(obj.eval_step, in_axes=(0, None)), out_shardings=self.repl)
     self.gather = jax.jit(lambda tree: tree, out_shardings=self.repl)
@@ -109,11 +132,13 @@ class PopulationSteps:
     return jax.device_get(self.gather(state.arch))
 
 
-def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: str) -> list[dict]:
+def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: str, chunk: int = 0
+                          ) -> list[dict]:
   """Searches every config as one population and writes each member's `arch.json` + `search.json` into its
   workdir (same fields as `search.run_search`, plus `test_acc_supernet`); returns the member records.
 
-  `pop_dir` holds the population's checkpoints; a run started again with the same members resumes from them."""
+  `pop_dir` holds the population's checkpoints; a run started again with the same members resumes from them.
+  `chunk`: members stepped at once (0: all, one vmap; see the module docstring)."""
   if len(configs) != len(workdirs):
     raise PopulationError(f"{len(configs)} configs but {len(workdirs)} workdirs")
   check_population(configs)
@@ -133,13 +158,14 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   k = len(configs)
   size = padded_size(k, jax.device_count())
   pad = lambda values: np.asarray(list(values) + [values[-1]] * (size - k), np.float32)
-  steps = PopulationSteps(obj, mesh, size)
+  steps = PopulationSteps(obj, mesh, size, chunk)
   lam = _pop_array(pad([float(c.cost.lam) for c in configs]), steps.pop)
   target = _pop_array(pad([float(c.cost.target) for c in configs]), steps.pop)
   # Every process reads whole batches: members, not examples, are spread over the devices.
   train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, base.seed, 0, 1)
   val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, base.seed + 1, 0, 1)
   search_lib.say(f"population search: {k} members ({size} slots over {jax.device_count()} device(s), "
+                 f"{'all at once' if not chunk or chunk >= size else f'{chunk} at a time'}, "
                  f"{jax.process_count()} process(es)), {len(space.slots())} layers, relaxation {s.relaxation}, "
                  f"cost model {plan['cost_model']}, {total} steps ({warmup} warm-up)")
 

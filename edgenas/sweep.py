@@ -171,12 +171,14 @@ def _require_stage(flag: str, module: str, function: str):
 
 
 def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequence[str] = (),
-              targets: Sequence[float] = (), *, vectorize: bool = False, retrain: bool = False,
+              targets: Sequence[float] = (), *, vectorize: bool = False, chunk: int = 0, retrain: bool = False,
               export: bool = False) -> dict:
   """Searches (and optionally retrains and exports) every member, then writes sweep.json, pareto.json,
   pareto.png and summary.md in `workdir`; returns the sweep.json content. Finished members are skipped and
-  unfinished ones resume from their checkpoints."""
+  unfinished ones resume from their checkpoints. `chunk` (vectorised only): members stepped at once, 0 = all."""
   members = plan_members(config, lambdas, platforms, targets)
+  if chunk < 0:
+    raise SweepError(f"the population chunk must be >= 0 (0: every member at once), got {chunk}")
   retrain = retrain or export  # an export needs the retrained network
   stages = {}
   if retrain:
@@ -189,7 +191,7 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
   search_lib.say(f"sweep: {len(members)} members ({', '.join(m.id for m in members)}), "
                  f"{'vectorised' if vectorize else 'one after another'}")
 
-  results = _search_all(config, workdir, members, vectorize)
+  results = _search_all(config, workdir, members, vectorize, chunk)
   records = [_member_record(config, workdir, m, results[m.id]) for m in members]
   _add_supernet_test_accuracy(config, workdir, members, records)
   baselines = []
@@ -205,7 +207,7 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
   return write_outputs(workdir, records, baselines, mode="vectorized" if vectorize else "sequential")
 
 
-def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool) -> dict:
+def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool, chunk: int) -> dict:
   """{member id: search result (or an {'error': ...} record)}; finished members are read, not searched."""
   results, todo = {}, []
   for m in members:
@@ -231,7 +233,7 @@ def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool
     pop_dir = os.path.join(workdir, POPULATION_DIR, f"{platform}-{key}")
     try:
       out = population.run_population_search([member_config(config, m) for m in group],
-                                             [member_dir(workdir, m) for m in group], pop_dir)
+                                             [member_dir(workdir, m) for m in group], pop_dir, chunk)
     except search_lib.NonFiniteLossError as e:
       search_lib.say(f"population {pop_dir}: failed: {e}")
       out = [{"error": str(e)}] * len(group)

@@ -15,6 +15,8 @@ _LAMBDAS = flags.DEFINE_string("lambdas", None, "Comma-separated energy-penalty 
 _PLATFORMS = flags.DEFINE_string("platforms", "", "Comma-separated platforms (default: config.cost.platform).")
 _TARGETS = flags.DEFINE_string("targets", "", "Comma-separated energy targets T (target/multiplicative penalty).")
 _VECTORIZE = flags.DEFINE_bool("vectorize", False, "Search each platform's members as one vmapped population.")
+_CHUNK = flags.DEFINE_integer("chunk", 0, "--vectorize: members stepped at once (0: all, one vmap; 1: one at a "
+                               "time inside the one compiled program).")
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain every member and the config's baselines.")
 _EXPORT = flags.DEFINE_bool("export", False, "Export every retrained member to int8 TFLite Micro (implies "
                             "--retrain).")
@@ -38,7 +40,7 @@ def main(argv):
     return sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.parse_values(_LAMBDAS.value, "lambdas"),
                            [p.strip() for p in _PLATFORMS.value.split(",") if p.strip()],
                            sweep.parse_values(_TARGETS.value, "targets"), vectorize=_VECTORIZE.value,
-                           retrain=_RETRAIN.value, export=_EXPORT.value)
+                           chunk=_CHUNK.value, retrain=_RETRAIN.value, export=_EXPORT.value)
 
   result = common.run_or_exit(run)
   if jax.process_index() != 0:
