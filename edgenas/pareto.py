@@ -65,9 +65,12 @@ def plot_front(records: Sequence[Mapping], front: Sequence[Mapping], accuracy_ke
     group = [r for r in points if r["platform"] == platform]
     ax.scatter([r["energy_uj"] for r in group], [100 * r[accuracy_key] for r in group], color=color,
                alpha=0.8, label=f"members ({platform})" if len(platforms) > 1 else "members")
+    labels = {}  # members that derived the same network share a point: one label lists all their λ
     for r in group:
-      ax.annotate(point_label(r, len(platforms) > 1, show_target), (r["energy_uj"], 100 * r[accuracy_key]),
-                  textcoords="offset points", xytext=(4, 4), fontsize=7)
+      labels.setdefault((r["energy_uj"], 100 * r[accuracy_key]), []).append(
+          point_label(r, len(platforms) > 1, show_target))
+    for xy, names in labels.items():
+      ax.annotate(", ".join(names), xy, textcoords="offset points", xytext=(4, 4), fontsize=7)
     line = [r for r in front if r["platform"] == platform]
     if line:
       ax.step([r["energy_uj"] for r in line], [100 * r[accuracy_key] for r in line], where="post", color=color,

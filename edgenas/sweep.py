@@ -192,6 +192,9 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
                  f"{'vectorised' if vectorize else 'one after another'}")
 
   results = _search_all(config, workdir, members, vectorize, chunk)
+  if jax.process_count() > 1:  # process 0 wrote every arch.json; the others read them next
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("sweep: member searches written")
   records = [_member_record(config, workdir, m, results[m.id]) for m in members]
   _add_supernet_test_accuracy(config, workdir, members, records)
   baselines = []

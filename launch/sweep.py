@@ -1,8 +1,14 @@
 """Sweep the energy penalty: `python -m launch.sweep --config=experiments/digits.py --workdir=DIR
---lambdas=0,0.1,0.3,1,3 [--platforms=a,b] [--targets=T1,T2] [--vectorize] [--retrain] [--export] [--multihost]`.
+--lambdas=0,0.1,0.3,1,3 [--platforms=a,b] [--targets=T1,T2] [--vectorize [--chunk=K]] [--retrain] [--export]
+[--multihost]`.
 
 Every member searches (and derives) in DIR/members/<id>/; DIR gets sweep.json, pareto.json, pareto.png and
 summary.md. Starting it again on the same workdir skips finished members and resumes the others.
+
+Several processes on one or more machines (population spread over all their devices, process 0 writes):
+  python -m launch.sweep ... --vectorize --multihost                  # Slurm / TPU pods: detected by JAX
+  python -m launch.sweep ... --vectorize --multihost --coordinator_address=HOST:PORT --num_processes=N \
+      --process_id=I                                                  # processes started by hand
 """
 from absl import app, flags
 from ml_collections import config_flags
