@@ -179,3 +179,31 @@ def test_bad_retrain_config_names_the_field(tmp_path):
     train.run_retrain(tiny_config(qat_epochs=3), ARCH, str(tmp_path / "w"))
   with pytest.raises(train.RetrainError, match="config.retrain.optimizer"):
     train.run_retrain(tiny_config(optimizer="lamb"), ARCH, str(tmp_path / "w2"))
+
+
+def test_schedule_warms_up_decays_and_restarts_small_for_qat():
+  rc = tiny_config(epochs=10, qat_epochs=2, warmup_epochs=2, lr=0.1, qat_lr=1e-3).retrain
+  lr = train.lr_schedule(rc, total_steps=100, steps_per_epoch=10)
+  assert float(lr(0)) == 0.0
+  assert float(lr(20)) == pytest.approx(0.1)
+  assert float(lr(79)) < 0.01  # the float phase has annealed by the time QAT starts
+  assert float(lr(80)) == pytest.approx(1e-3)
+  assert float(lr(99)) < 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_weight_decay_touches_kernels_only_and_ema_tracks_the_weights(optimizer):
+  rc = tiny_config(optimizer=optimizer, weight_decay=0.5, ema_decay=0.9, warmup_epochs=0).retrain
+  trainer = train.Trainer(ARCH, rc, 94, 47)
+  state = trainer.init_state(jax.random.PRNGKey(0))
+  zero_grads = jax.tree.map(np.zeros_like, state.params)
+  after = trainer._apply_update(state, zero_grads)
+  # With zero gradients only decoupled weight decay moves anything: kernels shrink, BN and biases stay.
+  assert np.all(np.abs(after.params["stem"]["kernel"]) < np.abs(state.params["stem"]["kernel"]) + 1e-12)
+  assert not np.allclose(after.params["stem"]["kernel"], state.params["stem"]["kernel"])
+  np.testing.assert_array_equal(after.params["stem"]["bn"]["scale"], state.params["stem"]["bn"]["scale"])
+  np.testing.assert_array_equal(after.params["classifier"]["bias"], state.params["classifier"]["bias"])
+  # EMA with its warm-up: decay min(0.9, (1 + step) / (10 + step)) = 0.1 at step 0.
+  expected = 0.1 * state.params["stem"]["kernel"] + 0.9 * after.params["stem"]["kernel"]
+  np.testing.assert_allclose(after.ema_params["stem"]["kernel"], expected, rtol=1e-5)
+  assert int(after.step) == 1
