@@ -70,8 +70,16 @@ class RetrainState:
 # Configuration
 
 
+REQUIRED_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "weight_decay", "label_smoothing",
+                   "ema_decay", "max_shift", "qat_epochs", "qat_lr")
+
+
 def check_config(rc) -> None:
   """Rejects a `config.retrain` that cannot train, naming the field."""
+  missing = [name for name in REQUIRED_FIELDS if name not in rc]
+  if missing:
+    raise RetrainError(f"config.retrain is missing {', '.join(missing)} (see experiments/digits.py for every "
+                       f"field and its meaning)")
   if rc.optimizer not in OPTIMIZERS:
     raise RetrainError(f"config.retrain.optimizer must be one of {OPTIMIZERS}, got {rc.optimizer!r}")
   for name in ("epochs", "batch_size"):
@@ -261,6 +269,8 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
 
   `platforms` overrides the platforms priced in the report; `source` names the arch.json in error messages.
   A finished workdir returns its report without training again."""
+  if "retrain" not in config:
+    raise RetrainError("the config has no 'retrain' section (see experiments/digits.py)")
   rc = config.retrain
   check_config(rc)
   platform_names = list(platforms) if platforms else platforms_of(config)

@@ -207,3 +207,10 @@ def test_weight_decay_touches_kernels_only_and_ema_tracks_the_weights(optimizer)
   expected = 0.1 * state.params["stem"]["kernel"] + 0.9 * after.params["stem"]["kernel"]
   np.testing.assert_allclose(after.ema_params["stem"]["kernel"], expected, rtol=1e-5)
   assert int(after.step) == 1
+
+
+def test_missing_retrain_fields_are_named(tmp_path):
+  c = tiny_config()
+  del c.retrain["qat_lr"]
+  with pytest.raises(train.RetrainError, match="config.retrain is missing qat_lr"):
+    train.run_retrain(c, ARCH, str(tmp_path / "w"))
