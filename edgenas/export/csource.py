@@ -253,8 +253,9 @@ all: $(ELF) size
 # TFLite Micro's own generator copies exactly the sources (and third-party code) this target needs.
 $(TREE)/.done:
 	rm -rf $(TREE)
-	$(PYTHON) $(TFLM_DIR)/tensorflow/lite/micro/tools/project_generation/create_tflm_tree.py \
-	  --makefile_options="$(TFLM_MAKE_OPTIONS)" $(TREE)
+	# A clean environment: an inherited MAKELEVEL makes TFLM's make print 'Entering directory' into its file lists.
+	cd $(TFLM_DIR) && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL $(PYTHON) tensorflow/lite/micro/tools/project_generation/create_tflm_tree.py \
+	  --makefile_options="$(TFLM_MAKE_OPTIONS)" $(CURDIR)/$(TREE)
 	touch $@
 tree: $(TREE)/.done
 
@@ -298,7 +299,10 @@ PREFIX ?= arm-none-eabi-
 CPU ?= %(cpu)s
 GCC_CPU := $(subst +fp,,$(CPU))
 FLOAT_ABI := $(if $(findstring +fp,$(CPU)),hard,soft)
-TFLM_MAKE_OPTIONS := TARGET=cortex_m_generic TARGET_ARCH=$(CPU) OPTIMIZED_KERNEL_DIR=cmsis_nn
+# The toolchain on PATH: without TARGET_TOOLCHAIN_ROOT, TFLM's make downloads its own Arm GCC.
+TOOLCHAIN_ROOT ?= $(dir $(shell which $(PREFIX)gcc))
+TFLM_MAKE_OPTIONS := TARGET=cortex_m_generic TARGET_ARCH=$(CPU) OPTIMIZED_KERNEL_DIR=cmsis_nn \
+  TARGET_TOOLCHAIN_ROOT=$(TOOLCHAIN_ROOT)
 COMMON_FLAGS := -mcpu=$(GCC_CPU) -mthumb -mfloat-abi=$(FLOAT_ABI) -mlittle-endian -DCMSIS_NN
 EXTRA_INCLUDES = -I$(TREE)/third_party/cmsis -I$(TREE)/third_party/cmsis/CMSIS/Core/Include \
   -I$(TREE)/third_party/cmsis_nn -I$(TREE)/third_party/cmsis_nn/Include
@@ -313,7 +317,9 @@ TARGET_NAME := riscv32
 PREFIX ?= riscv64-unknown-elf-
 ARCH ?= %(arch)s
 ABI ?= ilp32
-TFLM_MAKE_OPTIONS := TARGET=riscv32_generic
+TOOLCHAIN_ROOT ?= $(dir $(shell which $(PREFIX)gcc))
+TFLM_MAKE_OPTIONS := TARGET=riscv32_generic TARGET_TOOLCHAIN_ROOT=$(TOOLCHAIN_ROOT) \
+  TARGET_TOOLCHAIN_PREFIX=$(PREFIX)
 COMMON_FLAGS := -march=$(ARCH) -mabi=$(ABI) -mcmodel=medany -DTF_LITE_USE_GLOBAL_CMATH_FUNCTIONS \
   -DTF_LITE_USE_GLOBAL_MIN -DTF_LITE_USE_GLOBAL_MAX --specs=picolibc.specs
 LDFLAGS ?= --oslib=semihost -Wl,--defsym=__flash=0x80000000 -Wl,--defsym=__flash_size=0x400000 \
