@@ -117,7 +117,8 @@ def bench(name, arch, variables, dataset, out_dir, note):
       tflm_ms_per_image=tflm_ms_per_image(flatbuffer, report["arena"]["measured_tflm_bytes"],
                                           dataset.test.images[:100]),
       test_images=acc["test_images"], acc_float=acc["float"], acc_int8_tflm=acc["int8_tflm"],
-      argmax_agreement=acc["argmax_agreement_int8_float"], ops=[f"{s['op']}x{s['count']}" for s in report["op_summary"]],
+      argmax_agreement=acc["argmax_agreement_int8_float"],
+      ops=[f"{s['op']}x{s['count']}" for s in report["op_summary"]],
       predicted={k: dict(latency_ms=v["latency_ms"], energy_uj=v["energy_uj"]) for k, v in report["platforms"].items()})
 
 

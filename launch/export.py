@@ -48,8 +48,9 @@ def main(argv):
   else:
     raise app.UsageError("give either --workdir=DIR, or --arch=arch.json together with --checkpoint=DIR")
   acc = report["accuracy"]
-  print(f"exported {report['arch_hash']}: {report['tflite_bytes']} B .tflite, TFLM arena {report['arena']['measured_tflm_bytes']} B, "
-        f"int8 acc {acc['int8_tflm']:.4f} (float {acc['float']:.4f}), agreement {acc['argmax_agreement_int8_float']:.4f}")
+  print(f"exported {report['arch_hash']}: {report['tflite_bytes']} B .tflite, TFLM arena "
+        f"{report['arena']['measured_tflm_bytes']} B, int8 acc {acc['int8_tflm']:.4f} (float {acc['float']:.4f}), "
+        f"agreement with float {acc['argmax_agreement_int8_float']:.4f}")
   for name, p in report["platforms"].items():
     print(f"  {name}: {p['latency_ms']:.3g} ms, {p['energy_uj']:.3g} uJ per inference (predicted)")
   print(f"-> {out_dir}")

@@ -183,7 +183,8 @@ def test_model_data_compiles_for_the_mcu(exported, tmp_path, target):
   subprocess.run([prefix + "g++", *flags, "-Os", "-std=c++17", "-c", os.path.join(out, "model_data.cc"),
                   "-I", out, "-o", obj], check=True, capture_output=True, text=True)
   symbols = {}
-  for line in subprocess.run([prefix + "nm", "-S", obj], check=True, capture_output=True, text=True).stdout.splitlines():
+  listing = subprocess.run([prefix + "nm", "-S", obj], check=True, capture_output=True, text=True).stdout
+  for line in listing.splitlines():
     parts = line.split()
     if len(parts) == 4:
       symbols[parts[3]] = (int(parts[0], 16), int(parts[1], 16))

@@ -13,12 +13,12 @@ Two things are fixed while the network is traced for conversion (`tflite_lowerin
 Both are the same arithmetic; `tests/test_export.py` checks the traced function against `forward_folded`.
 
 Activation ranges from QAT are respected exactly (`apply_ranges`): after conversion, every tensor the network
-materialises, the input included, gets the scale and zero point QAT used for it (`edgenas.quant.activation_qparams` of its range, the
-same nudged formula TFLite uses), and the int32 biases of the operators reading a re-scaled tensor are re-scaled
-with it (bias scale = input scale x weight scale). TFLM derives every requantization multiplier from these
-scales when it prepares the model, so the int8 model then computes with QAT's grids. Min/max calibration alone
-does not: it sees a few hundred images, so its ranges are narrower than QAT's moving averages, and tensors
-saturate in int8 where the fake-quant network did not. One tensor cannot follow QAT: TFLite's int8
+materialises, the input included, gets the scale and zero point QAT used for it (`quant.activation_qparams` of
+its range, the same nudged formula TFLite uses), and the int32 biases of the operators reading a re-scaled
+tensor are re-scaled with it (bias scale = input scale x weight scale). TFLM derives every requantization
+multiplier from these scales when it prepares the model, so the int8 model then computes with QAT's grids.
+Min/max calibration alone does not: it sees a few hundred images, so its ranges are narrower than QAT's moving
+averages, and tensors saturate in int8 where the fake-quant network did not. One tensor cannot follow QAT: TFLite's int8
 AVERAGE_POOL_2D keeps its input's quantization, so the pooled vector uses the last feature map's grid.
 
 TensorFlow and LiteRT are imported inside the functions that need them.
