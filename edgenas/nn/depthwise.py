@@ -23,6 +23,7 @@ is accepted too and the gradient keeps that shape.
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import jax
@@ -62,6 +63,7 @@ def depthwise_conv(x, kernel, stride: int = 1, impl: str = "auto"):
   """Depthwise SAME convolution of x (N, H, W, C) with kernel (k, k, C) or (k, k, 1, C); returns (N, H', W', C)
   with H' = ceil(H / stride), exactly as `lax.conv_general_dilated(..., padding="SAME")` and TFLite pad."""
   kernel_2d = _checked_kernel(x, kernel, stride)
+  stride = int(stride)  # a static Python int: it selects slices and pads
   if resolve_impl(impl) == "lax":
     y = _lax_depthwise(x, kernel_2d, stride)
   else:
@@ -94,7 +96,7 @@ def _checked_kernel(x, kernel, stride):
   if kernel_channels != channels:
     raise DepthwiseError(f"depthwise_conv: kernel has {kernel_channels} channels but x has {channels} "
                          f"(kernel shape {shape}, x shape {x.shape})")
-  if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+  if not isinstance(stride, numbers.Integral) or isinstance(stride, bool) or stride < 1:
     raise DepthwiseError(f"depthwise_conv: stride must be a positive int, got {stride!r}")
   return kernel
 
@@ -213,7 +215,9 @@ def _shift_depthwise_bwd(stride, residuals, g):
   x, kernel = residuals
   k = kernel.shape[0]
   padded, _, _ = _pad_same(x, k, stride)
-  return _input_grad(g, kernel, stride, x.shape[1], x.shape[2]), _kernel_grad(padded, g, k, stride)
+  dx = _input_grad(g, kernel, stride, x.shape[1], x.shape[2])
+  # Cotangents must have their primal's dtype (x and kernel may differ, e.g. bfloat16 activations).
+  return dx.astype(x.dtype), _kernel_grad(padded, g, k, stride).astype(kernel.dtype)
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
