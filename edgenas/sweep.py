@@ -321,7 +321,13 @@ def _retrain_member(config, workdir: str, m: Member, record: dict, run_retrain) 
 
 
 def _export_member(workdir: str, m: Member, record: dict, export_workdir) -> None:
-  report = export_workdir(os.path.join(member_dir(workdir, m), RETRAIN_DIR), [m.platform])
+  from edgenas.export import ExportError
+  try:
+    report = export_workdir(os.path.join(member_dir(workdir, m), RETRAIN_DIR), [m.platform])
+  except ExportError as e:  # one network the device cannot take does not end the sweep; the record says why
+    search_lib.say(f"{m.id}: export failed: {e}")
+    record.update(export_error=str(e))
+    return
   acc = report.get("accuracy", {})
   record.update(status="exported", test_acc=acc.get("int8_tflm"), test_acc_source="tflm_int8",
                 export_dir=os.path.relpath(os.path.join(member_dir(workdir, m), RETRAIN_DIR, "export"), workdir),
