@@ -99,19 +99,20 @@ class Objective:
       return jnp.zeros(())
     return self.memory_fn(self.space, self.probs(arch), supernet_lib.gate_fractions(self.space, arch))
 
-  def logits(self, weights, arch, images, rng, train: bool, tau):
+  def logits(self, weights, arch, images, rng, train: bool, tau, arch_step: bool = False):
     g_rng, h_rng = jax.random.split(rng)
-    return self.model.apply({"params": weights}, images, arch, train=train, tau=tau,
+    return self.model.apply({"params": weights}, images, arch, train=train, tau=tau, arch_step=arch_step,
                             rngs={"gumbel": g_rng, "gates": h_rng})
 
-  def task_loss(self, weights, arch, batch, rng, tau):
-    logits = self.logits(weights, arch, batch["image"], rng, True, tau)
+  def task_loss(self, weights, arch, batch, rng, tau, arch_step: bool = False):
+    """Cross-entropy and accuracy; `arch_step` selects the relaxation's architecture-gradient path."""
+    logits = self.logits(weights, arch, batch["image"], rng, True, tau, arch_step)
     ce = cross_entropy(logits, batch["label"])
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return ce, acc
 
   def arch_loss(self, weights, arch, batch, rng, tau, lam=None, target=None):
-    ce, acc = self.task_loss(weights, arch, batch, rng, tau)
+    ce, acc = self.task_loss(weights, arch, batch, rng, tau, arch_step=True)
     energy = self.expected_cost(arch)
     mem = self.expected_memory(arch)
     loss = cost_penalty(ce, energy, self.cfg, lam, target) + memory_hinge(mem, self.cfg)
@@ -139,7 +140,7 @@ class Objective:
       return g, aux
 
     def train_ce(w, a):
-      return self.task_loss(w, a, train_batch, r_train, tau)[0]
+      return self.task_loss(w, a, train_batch, r_train, tau, arch_step=True)[0]
 
     w_grad = jax.grad(train_ce)(state.weights, state.arch)
     w_virtual = jax.tree.map(lambda w, g: w - xi * g, state.weights, w_grad)

@@ -7,8 +7,9 @@ through either.
 
 Relaxations of a mixed op (chosen by config):
 - "softmax" (DARTS): every candidate runs, outputs mixed by softmax(α).
-- "gumbel" (GDAS/FBNet): a straight-through hard Gumbel-softmax sample picks one candidate and `nn.switch` runs only
-  that one; α gets its gradient through the relaxed sample's weight on the chosen path.
+- "gumbel" (GDAS/ProxylessNAS): a hard Gumbel-max sample picks one candidate and `nn.switch` runs only that one in
+  the weight step; the architecture step also runs the Gumbel runner-up and passes a straight-through gradient
+  through the relaxed choice between the two (see `MixedOp._gumbel`).
 - "sigmoid" (FairDARTS): every candidate runs, outputs mixed by independent sigmoid(α); a zero-one loss pushes
   each weight to 0 or 1.
 
@@ -162,22 +163,36 @@ class MixedOp(nn.Module):
     cand = self.cands[j]
     return x if cand is None else cand(x, gates[j])
 
-  def __call__(self, x, alpha, gates, train: bool, tau):
+  def __call__(self, x, alpha, gates, train: bool, tau, arch_step: bool = False):
     n = len(self.cands)
     if self.is_initializing():  # every branch must create its parameters
       return sum(self._run(j, x, gates) for j in range(n)) / n
     if self.relaxation == "gumbel":
-      if train:
-        g = jax.random.gumbel(self.make_rng("gumbel"), alpha.shape)
-        soft = jax.nn.softmax((alpha + g) / tau)
-      else:
-        soft = jax.nn.softmax(alpha)
-      idx = jnp.argmax(soft)
-      weight = 1.0 - jax.lax.stop_gradient(soft[idx]) + soft[idx]  # straight-through: value 1, gradient of soft
-      branches = [lambda mdl, x, gates, j=j: mdl._run(j, x, gates) for j in range(n)]
-      return weight * nn.switch(idx, branches, self, x, gates)
+      return self._gumbel(x, alpha, gates, train, tau, arch_step)
     w = jax.nn.softmax(alpha) if self.relaxation == "softmax" else jax.nn.sigmoid(alpha)
     return sum(w[j] * self._run(j, x, gates) for j in range(n))
+
+  def _gumbel(self, x, alpha, gates, train, tau, arch_step):
+    """Hard Gumbel-max sample: the forward pass is exactly one candidate's output.
+
+    Weight step and evaluation run only that candidate (`nn.switch`). The architecture step needs a gradient for
+    α that survives the next layer's BatchNorm, which is blind to the scale of a single path (so GDAS's gradient
+    through the chosen path's weight alone vanishes in a chain of BN'd layers). It therefore also runs the
+    runner-up of the Gumbel top-2 and relaxes the choice between the two, as ProxylessNAS's two-path binary
+    gates do: value o_first, gradient of softmax((α + g)/τ) restricted to the pair, straight through.
+    """
+    branches = [lambda mdl, x, gates, j=j: mdl._run(j, x, gates) for j in range(len(self.cands))]
+    if not train:
+      return nn.switch(jnp.argmax(alpha), branches, self, x, gates)
+    scores = alpha + jax.random.gumbel(self.make_rng("gumbel"), alpha.shape)
+    first = jnp.argmax(scores)
+    if not arch_step or len(self.cands) == 1:
+      return nn.switch(first, branches, self, x, gates)
+    second = jnp.argmax(jnp.where(jnp.arange(len(self.cands)) == first, -jnp.inf, scores))
+    pair = jax.nn.softmax(jnp.stack([scores[first], scores[second]]) / tau)
+    hard = jnp.array([1.0, 0.0]) - jax.lax.stop_gradient(pair) + pair  # value (1, 0), gradient of the pair
+    return (hard[0] * nn.switch(first, branches, self, x, gates)
+            + hard[1] * nn.switch(second, branches, self, x, gates))
 
 
 class Supernet(nn.Module):
@@ -185,7 +200,7 @@ class Supernet(nn.Module):
   relaxation: str = "softmax"
 
   @nn.compact
-  def __call__(self, x, arch: ArchParams, train: bool = True, tau=1.0):
+  def __call__(self, x, arch: ArchParams, train: bool = True, tau=1.0, arch_step: bool = False):
     s = self.space
     w = self.param("stem", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                    (s.stem_kernel, s.stem_kernel, x.shape[-1], s.stem_channels))
@@ -196,7 +211,8 @@ class Supernet(nn.Module):
       gate_values = gate_deterministic(arch["gate"])
     for i, (slot, row) in enumerate(zip(s.slots(), gate_layout(s))):
       gates = [gate_values[o:o + n] if n else None for o, n in row]
-      x = MixedOp(slot, s.gate_group, self.relaxation, name=f"layer_{i}")(x, arch["alpha"][i], gates, train, tau)
+      x = MixedOp(slot, s.gate_group, self.relaxation, name=f"layer_{i}")(x, arch["alpha"][i], gates, train, tau,
+                                                                              arch_step)
     if s.head_channels:
       x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                   (x.shape[-1], s.head_channels)))
