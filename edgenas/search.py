@@ -213,10 +213,11 @@ def run_search(config, workdir: str) -> dict:
       if epoch_end or (step + 1) % config.log_every == 0:
         record.update(epoch=step // plan["steps_per_epoch"], tau=float(tau))
         metrics.write(step, record)
-      line = progress.update(step)
-      if line and "val_acc_supernet" in record:
-        say(f"  val acc (supernet) {record['val_acc_supernet']:.4f}  expected cost "
-            f"{record.get('expected_cost', float('nan')):.4g}")
+      progress.update(step)
+      if epoch_end:
+        say(f"  epoch {record['epoch'] + 1}/{s.epochs}: val acc (supernet) {record['val_acc_supernet']:.4f}"
+            + (f"  expected cost {record['expected_cost']:.4g}  α entropy {record['alpha_entropy']:.3f}"
+               if "expected_cost" in record else "  (warm-up: weights only)"))
       ckpt.save(step, state, {"step": step})
     if total > 0:
       ckpt.save(total - 1, state, {"step": total - 1}, force=True)

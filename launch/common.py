@@ -7,6 +7,14 @@ from absl import logging
 USER_ERROR_MODULES = ("edgenas",)
 
 
+def quiet_library_logs() -> None:
+  """Orbax and JAX log every checkpoint step at INFO; keep the terminal for our progress lines unless the user
+  asked for more with --verbosity / -v."""
+  from absl import flags
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def enable_compilation_cache() -> None:
   """Compiled programs are cached on disk: a second run of the same config skips most of its start-up."""
   import jax
@@ -15,6 +23,12 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def setup_process() -> None:
+  """What every launcher does before any work: quiet library logs, enable the compilation cache."""
+  quiet_library_logs()
+  enable_compilation_cache()
 
 
 def run_or_exit(fn, *args, **kwargs):

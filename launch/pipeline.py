@@ -21,7 +21,7 @@ def main(argv):
   from edgenas import parallel, pipeline
   if _MULTIHOST.value:
     parallel.initialize_multihost()
-  common.enable_compilation_cache()
+  common.setup_process()
   common.run_or_exit(pipeline.run_pipeline, _CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
                      export=_EXPORT.value)
 

@@ -18,7 +18,7 @@ def main(argv):
   from edgenas import parallel, search
   if _MULTIHOST.value:
     parallel.initialize_multihost()
-  common.enable_compilation_cache()
+  common.setup_process()
   result = common.run_or_exit(search.run_search, _CONFIG.value, _WORKDIR.value)
   print(f"arch {result['arch_hash']}: {' '.join(result['arch']['layers'])}  "
         f"val acc (supernet) {result['val_acc_supernet']:.4f}  cost {result['derived_cost']:.4g} "
