@@ -283,7 +283,8 @@ $(BUILD)/obj/%%.o: $(TREE)/%%.c | $(TREE)/.done
 # Evaluated after the tree exists (make re-reads the list in the recursive call).
 $(LIB): $(TREE)/.done
 	$(MAKE) -f $(firstword $(MAKEFILE_LIST)) TFLM_DIR=$(TFLM_DIR) lib_objects
-	$(AR) rcs $@ $(shell cd $(BUILD)/obj 2>/dev/null && find . -name '*.o' | sed 's|^|$(BUILD)/obj/|')
+	rm -f $@
+	$(AR) rcs $@ $$(find $(BUILD)/obj -name '*.o')  # the shell lists them after they were compiled
 lib: $(LIB)
 TFLM_SRCS = $(shell cd $(TREE) 2>/dev/null && find tensorflow third_party -name '*.cc' -o -name '*.c' | grep -v -e '_test\.cc$$' -e '/examples/')
 lib_objects: $(addprefix $(BUILD)/obj/,$(patsubst %%.c,%%.o,$(patsubst %%.cc,%%.o,$(TFLM_SRCS))))
