@@ -6,6 +6,11 @@ not depend on λ, as they would for a user). Wall time and peak RSS come from `o
 The searches are shortened to `--epochs` (the digits config searches 30). Prints one JSON object and writes
 benchmarks/results/sweep.json.
 
+Measured on the shared 2-core machine (load average 8-10 from other jobs), 4 epochs (76 steps, 19 warm-up):
+4 sequential searches took 1053 s; the fully vmapped population (`vmap`) had not reached step 50 after 1350 s:
+with the Gumbel relaxation every member runs every candidate under vmap, and XLA:CPU took minutes to compile
+the batched steps. benchmarks/results/sweep.json holds the 1-epoch `seq` vs `scan` run.
+
 Usage: python benchmarks/sweep.py [--epochs 4] [--warmup_epochs 1] [--lambdas 0,0.3,1,3] [--modes seq,vmap,scan]
 """
 from __future__ import annotations
