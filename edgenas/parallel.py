@@ -24,7 +24,10 @@ def initialize_multihost() -> None:
 
 
 def make_mesh() -> Mesh:
-  return jax.make_mesh((jax.device_count(),), (BATCH_AXIS,))
+  """All devices on one "batch" axis. Auto axis type: XLA's sharding propagation places every intermediate, so
+  model code (reshapes, scans over chunks) needs no sharding annotations; jax.make_mesh's default (Explicit)
+  would demand them."""
+  return jax.make_mesh((jax.device_count(),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

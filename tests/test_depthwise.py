@@ -124,3 +124,28 @@ def test_auto_picks_shift_on_cpu_and_the_environment_overrides_it(monkeypatch):
 def test_bad_arguments_raise_a_clear_error(x_shape, kernel_shape, stride, impl, message):
   with pytest.raises(DepthwiseError, match=message):
     depthwise_conv(jnp.zeros(x_shape), jnp.zeros(kernel_shape), stride, impl)
+
+
+def test_chunked_kernel_gradient_accepts_a_batch_sharded_over_devices():
+  """Data-parallel training shards the batch; the chunked path must not scan over the sharded axis."""
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from edgenas.nn import depthwise
+      depthwise._CHUNK_BYTES = 2 * 6 * 6 * 4 * 4  # two output images per chunk: the chunked path
+      from edgenas import parallel
+      mesh = parallel.make_mesh()  # the mesh training uses
+      rng = np.random.default_rng(0)
+      x = jax.device_put(jnp.asarray(rng.standard_normal((8, 6, 6, 4)), jnp.float32), NamedSharding(mesh, P("batch")))
+      k = jnp.asarray(rng.standard_normal((3, 3, 4)), jnp.float32)
+      grad = lambda impl: jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(depthwise.depthwise_conv(x, k, 1, impl)))))(k)
+      np.testing.assert_allclose(grad("shift"), grad("lax"), rtol=1e-4, atol=1e-5)
+      print("ok")
+  """)
+  env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  root = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+  r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

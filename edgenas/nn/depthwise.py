@@ -175,8 +175,10 @@ def _kernel_grad(padded, g, k, stride):
   if n * image_bytes <= _CHUNK_BYTES:
     return _tap_kernel_grads(padded, g, k, stride).reshape(k, k, c)
   chunk = _largest_divisor_at_most(n, _CHUNK_BYTES // image_bytes)
-  padded_chunks = padded.reshape(n // chunk, chunk, *padded.shape[1:])
-  g_chunks = g.reshape(n // chunk, chunk, *g.shape[1:])
+  # Chunk t holds images t, t + n/chunk, t + 2n/chunk, ...: the scanned axis is then not the batch axis itself,
+  # which stays free to be sharded over devices (scan refuses a sharded scanned axis).
+  padded_chunks = jnp.moveaxis(padded.reshape(chunk, n // chunk, *padded.shape[1:]), 1, 0)
+  g_chunks = jnp.moveaxis(g.reshape(chunk, n // chunk, *g.shape[1:]), 1, 0)
 
   def add_chunk(total, chunk_pair):
     return total + _tap_kernel_grads(chunk_pair[0], chunk_pair[1], k, stride), None
