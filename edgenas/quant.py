@@ -112,6 +112,19 @@ def _activation_names(arch: space_lib.Architecture) -> tuple[str, ...]:
   return tuple(names)
 
 
+# TFLite's int8 AVERAGE_POOL_2D keeps its input's scale and zero point: the pooled tensor has no range of its own,
+# and simulating one makes fake-quant disagree with the exported model.
+TIED_TO_INPUT = ("pool",)
+
+
+def range_source(arch: space_lib.Architecture, name: str) -> str:
+  """The tensor whose range `name` is quantised with: itself, or its input for range-preserving ops."""
+  if name not in TIED_TO_INPUT:
+    return name
+  names = _activation_names(arch)
+  return names[names.index(name) - 1]
+
+
 def init_quant_state(arch: space_lib.Architecture) -> QuantState:
   ranges = {name: jnp.zeros((2,), jnp.float32) for name in activation_names(arch)}
   return QuantState(ranges=ranges, initialized=jnp.zeros((), jnp.int32))
@@ -132,6 +145,9 @@ def qat_forward(arch: space_lib.Architecture, params, batch_stats, quant: QuantS
   first = quant.initialized == 0
 
   def act_hook(name, y):
+    if name in TIED_TO_INPUT:
+      new_ranges[name] = new_ranges[range_source(arch, name)]
+      return fake_quant_activation(y, new_ranges[name][0], new_ranges[name][1])
     observed = jax.lax.stop_gradient(jnp.stack([jnp.min(y), jnp.max(y)]))
     tracked = jnp.where(first, observed, momentum * quant.ranges[name] + (1.0 - momentum) * observed)
     new_ranges[name] = tracked
@@ -148,7 +164,7 @@ def fake_quant_logits(arch: space_lib.Architecture, variables, ranges: Mapping[s
     raise QuantError(f"activation ranges missing for tensor(s) {', '.join(missing)}")
   folded = model_lib.fold_batchnorm(arch, variables)
   return model_lib.forward_folded(arch, folded, images, weight_fn=_weight_hook,
-                                  act_fn=lambda name, y: fake_quant_activation(y, ranges[name][0], ranges[name][1]))
+                                  act_fn=lambda name, y: fake_quant_activation(y, *ranges[range_source(arch, name)]))
 
 
 def calibrate_ranges(arch: space_lib.Architecture, variables, images: np.ndarray, batch_size: int = 256) -> dict:
@@ -174,7 +190,7 @@ def calibrate_ranges(arch: space_lib.Architecture, variables, images: np.ndarray
                                        for k, v in r.items()}
   if ranges is None:
     raise QuantError("calibrate_ranges: no calibration images given")
-  return {k: np.asarray(v, np.float32) for k, v in ranges.items()}
+  return {k: np.asarray(ranges[range_source(arch, k)], np.float32) for k in ranges}
 
 
 def ranges_to_json(ranges: Mapping[str, jnp.ndarray]) -> dict:

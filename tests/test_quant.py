@@ -149,3 +149,13 @@ def test_calibrated_ranges_cover_the_data_and_fake_quant_inference_matches_float
   with pytest.raises(quant.QuantError, match="layers_0_add"):
     quant.fake_quant_logits(ARCH, variables, {k: v for k, v in ranges.items() if k != "layers_0_add"}, images)
   assert quant.ranges_to_json({"stem": np.array([0.5, 6.0])}) == {"stem": {"min": 0.0, "max": 6.0}}
+
+
+def test_pooled_tensor_shares_its_input_range_as_tflite_average_pool_requires(variables):
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (16, 8, 8, 1)))
+  names = quant.activation_names(ARCH)
+  before_pool = names[names.index("pool") - 1]
+  ranges = quant.calibrate_ranges(ARCH, variables, images)
+  np.testing.assert_array_equal(ranges["pool"], ranges[before_pool])
+  _, state = qat_forward(variables["params"], variables["batch_stats"], quant.init_quant_state(ARCH), images)
+  np.testing.assert_array_equal(np.asarray(state.ranges["pool"]), np.asarray(state.ranges[before_pool]))
