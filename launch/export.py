@@ -32,7 +32,7 @@ _RISCV_ARCH = flags.DEFINE_string("riscv_arch", "rv32imc", "RISC-V ISA for Makef
 def main(argv):
   del argv
   from edgenas import export
-  common.enable_compilation_cache()
+  common.setup_process()
   kwargs = dict(eval_limit=_EVAL_LIMIT.value or None, strict=_STRICT.value, cpu=_CPU.value,
                 riscv_arch=_RISCV_ARCH.value)
   if _WORKDIR.value and not (_ARCH.value or _CHECKPOINT.value):

@@ -46,7 +46,7 @@ def main(argv):
   from edgenas import parallel
   if _MULTIHOST.value:
     parallel.initialize_multihost()
-  common.enable_compilation_cache()
+  common.setup_process()
   report = common.run_or_exit(retrain, _CONFIG.value, _ARCH.value, _BASELINE.value, _WORKDIR.value,
                               _PLATFORMS.value)
   costs = "  ".join(f"{name}: {c['energy_uj']:.4g} uJ, {c['latency_ms']:.4g} ms, SRAM {c['peak_sram_bytes']} B, "
