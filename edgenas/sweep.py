@@ -147,6 +147,14 @@ def member_config(config, member: Member) -> ml_collections.ConfigDict:
   return c
 
 
+def default_chunk(config) -> int:
+  """0 (one vmap over all members) except for the Gumbel relaxation on a single CPU device, where vmap turns each
+  member's one sampled branch into all branches and XLA:CPU compiles the result for many minutes
+  (benchmarks/sweep.py); there members are stepped one at a time inside the one compiled program."""
+  single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  return 1 if single_cpu and config.search.relaxation == "gumbel" else 0
+
+
 def member_dir(workdir: str, member: Member) -> str:
   return os.path.join(workdir, MEMBERS_DIR, member.id)
 
@@ -171,12 +179,16 @@ def _require_stage(flag: str, module: str, function: str):
 
 
 def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequence[str] = (),
-              targets: Sequence[float] = (), *, vectorize: bool = False, chunk: int = 0, retrain: bool = False,
+              targets: Sequence[float] = (), *, vectorize: bool = False, chunk: int | None = None,
+              retrain: bool = False,
               export: bool = False) -> dict:
   """Searches (and optionally retrains and exports) every member, then writes sweep.json, pareto.json,
   pareto.png and summary.md in `workdir`; returns the sweep.json content. Finished members are skipped and
-  unfinished ones resume from their checkpoints. `chunk` (vectorised only): members stepped at once, 0 = all."""
+  unfinished ones resume from their checkpoints. `chunk` (vectorised only): members stepped at once, 0 = all,
+  None = `default_chunk`."""
   members = plan_members(config, lambdas, platforms, targets)
+  if chunk is None:
+    chunk = default_chunk(config)
   if chunk < 0:
     raise SweepError(f"the population chunk must be >= 0 (0: every member at once), got {chunk}")
   retrain = retrain or export  # an export needs the retrained network

@@ -21,8 +21,8 @@ _LAMBDAS = flags.DEFINE_string("lambdas", None, "Comma-separated energy-penalty 
 _PLATFORMS = flags.DEFINE_string("platforms", "", "Comma-separated platforms (default: config.cost.platform).")
 _TARGETS = flags.DEFINE_string("targets", "", "Comma-separated energy targets T (target/multiplicative penalty).")
 _VECTORIZE = flags.DEFINE_bool("vectorize", False, "Search each platform's members as one vmapped population.")
-_CHUNK = flags.DEFINE_integer("chunk", 0, "--vectorize: members stepped at once (0: all, one vmap; 1: one at a "
-                               "time inside the one compiled program).")
+_CHUNK = flags.DEFINE_integer("chunk", None, "--vectorize: members stepped at once (0: all, one vmap; 1: one at a "
+                               "time inside the one compiled program; default: 1 for Gumbel on one CPU, else 0).")
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain every member and the config's baselines.")
 _EXPORT = flags.DEFINE_bool("export", False, "Export every retrained member to int8 TFLite Micro (implies "
                             "--retrain).")
