@@ -40,7 +40,7 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  common.enable_compilation_cache()
+  common.setup_process()
 
   def run():
     return sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.parse_values(_LAMBDAS.value, "lambdas"),
