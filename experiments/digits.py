@@ -29,7 +29,7 @@ def get_config():
   c.search = ml_collections.ConfigDict(dict(
       relaxation="gumbel",  # softmax | gumbel | sigmoid
       epochs=30,
-      warmup_epochs=8,
+      warmup_epochs=8.0,  # fractional epochs allowed
       batch_size=64,
       max_steps=0,  # > 0 caps the number of steps (smoke tests)
       second_order=False,
@@ -39,7 +39,7 @@ def get_config():
   ))
   c.weights = ml_collections.ConfigDict(dict(optimizer="sgd", lr=0.05, lr_min=1e-3, momentum=0.9,
                                              weight_decay=3e-4, grad_clip=5.0))
-  c.arch = ml_collections.ConfigDict(dict(lr=6e-3, b1=0.5, b2=0.999, weight_decay=1e-3))
+  c.arch = ml_collections.ConfigDict(dict(lr=0.05, b1=0.5, b2=0.999, weight_decay=1e-3))
 
   c.cost = ml_collections.ConfigDict(dict(
       model="energy",  # energy | latency | macs
