@@ -158,6 +158,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  @classmethod
+  def open_for_resume(cls, directory: str, target, *, save_every: int = 1, keep: int | None = 3
+                      ) -> tuple["Checkpointer", Restored | None]:
+    """Opens `directory` and restores its latest good checkpoint into `target`'s structure (None on a fresh
+    start). If restoring fails, the manager is closed before the error propagates, so no save thread lingers."""
+    ckpt = cls(directory, save_every=save_every, keep=keep)
+    try:
+      return ckpt, ckpt.restore_latest(target)
+    except BaseException:
+      ckpt.close()
+      raise
+
   def restore_latest(self, target) -> Restored | None:
     """Restores the newest readable checkpoint into the structure of `target`; None if there is none.
 

@@ -171,14 +171,9 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
 
   state = steps.init(jax.random.PRNGKey(base.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
   lr_at = objective_lib.weight_lr_schedule(base.weights, total)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(pop_dir, "checkpoints"), save_every=base.checkpoint_every,
-                               keep=base.keep_checkpoints)
+  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
+      os.path.join(pop_dir, "checkpoints"), state, save_every=base.checkpoint_every, keep=base.keep_checkpoints)
   start = 0
-  try:
-    restored = ckpt.restore_latest(state)
-  except BaseException:
-    ckpt.close()
-    raise
   if restored is not None:
     state, start = restored.state, restored.step + 1
     search_lib.say(f"resuming the population from checkpoint step {restored.step}")

@@ -176,10 +176,9 @@ def run_search(config, workdir: str) -> dict:
   eval_fn = jax.jit(obj.eval_step)
   lr_at = objective_lib.weight_lr_schedule(config.weights, total)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
-                               keep=config.keep_checkpoints)
+  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
+      os.path.join(workdir, "checkpoints"), state, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   start = 0
-  restored = ckpt.restore_latest(state)
   if restored is not None:
     state, start = restored.state, restored.step + 1
     say(f"resuming from checkpoint step {restored.step}")

@@ -307,14 +307,9 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
   float_step = jax.jit(trainer.float_step, out_shardings=(repl, repl), donate_argnums=0)
   qat_step = jax.jit(trainer.qat_step, out_shardings=(repl, repl), donate_argnums=0)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), save_every=config.checkpoint_every,
-                               keep=config.keep_checkpoints)
+  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
+      os.path.join(workdir, CHECKPOINT_DIR), state, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
   start, seconds_before = 0, 0.0
-  try:
-    restored = ckpt.restore_latest(state)
-  except BaseException:
-    ckpt.close()
-    raise
   if restored is not None:
     state, start = restored.state, restored.step + 1
     seconds_before = float(restored.metadata.get("train_seconds", 0.0))
