@@ -153,9 +153,14 @@ class MixedOp(nn.Module):
   relaxation: str
 
   def setup(self):
+    # Gumbel runs one candidate per layer under `nn.switch`. Differentiating a switch makes every branch return
+    # the union of all branches' residuals (zeros for the branches not taken), which cost more than the chosen
+    # path itself; rematerialised candidates keep only their inputs, so the backward pass re-runs the one chosen
+    # forward instead (digits weight step 96 -> 54 ms, architecture step 73 -> 38 ms on 2 CPU cores).
+    cand_cls = nn.remat(MBConvCandidate) if self.relaxation == "gumbel" else MBConvCandidate
     self.cands = [
-        MBConvCandidate(self.slot.out_channels, c.kernel, c.expansion, self.slot.stride, self.slot.residual_ok,
-                        self.gate_group, name=f"cand_{j}_{c.name}") if c.op == space_lib.MBCONV else None
+        cand_cls(self.slot.out_channels, c.kernel, c.expansion, self.slot.stride, self.slot.residual_ok,
+                 self.gate_group, name=f"cand_{j}_{c.name}") if c.op == space_lib.MBCONV else None
         for j, c in enumerate(self.slot.candidates)
     ]
 
