@@ -3,15 +3,19 @@
 Each mode runs `python -m launch.sweep` in its own subprocess with its own, initially empty, JAX compilation cache
 (so no mode profits from an earlier one, while the members of the sequential sweep may share programs that do
 not depend on λ, as they would for a user). Wall time and peak RSS come from `os.wait4` on that subprocess.
-The searches are shortened to `--epochs` (the digits config searches 30). Prints one JSON object and writes
-benchmarks/results/sweep.json.
+By default the searches are full length (the digits config: 30 epochs, 8 of warm-up); `--epochs` and
+`--warmup_epochs` shorten them. Prints one JSON object and writes benchmarks/results/sweep.json.
 
-Measured on the shared 2-core machine (load average 8-10 from other jobs), 4 epochs (76 steps, 19 warm-up):
-4 sequential searches took 1053 s; the fully vmapped population (`vmap`) had not reached step 50 after 1350 s:
-with the Gumbel relaxation every member runs every candidate under vmap, and XLA:CPU took minutes to compile
-the batched steps. benchmarks/results/sweep.json holds the 1-epoch `seq` vs `scan` run.
+Modes: `seq` runs the members one after another (`launch.sweep` without --vectorize); `scan` is the vectorised
+sweep as a CPU user runs it (`--vectorize --chunk=1`: one compiled program steps the members in turn, so each
+member's Gumbel switch runs only its sampled candidate); `vmap` steps every member at once, which is what a GPU or
+TPU wants, but on CPU Gumbel's switch becomes a select under vmap and every candidate runs for every member (an
+earlier 4-epoch run had not reached step 50 after 1350 s), so it is not in the default modes.
 
-Usage: python benchmarks/sweep.py [--epochs 4] [--warmup_epochs 1] [--lambdas 0,0.3,1,3] [--modes seq,vmap,scan]
+Monotonicity is checked per mode, on the derived architectures' predicted energy and on the expected energy
+under the final architecture distribution.
+
+Usage: python benchmarks/sweep.py [--epochs 0] [--warmup_epochs -1] [--lambdas 0,0.3,1,3] [--modes seq,scan]
 """
 from __future__ import annotations
 
@@ -24,15 +28,15 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from experiments import digits  # noqa: E402  (the repository root is not on sys.path for a script)
 MODES = {"seq": [], "vmap": ["--vectorize", "--chunk=0"], "scan": ["--vectorize", "--chunk=1"]}
 CONFIG = """from experiments import digits
 
 
 def get_config():
   c = digits.get_config()
-  c.search.epochs = {epochs}
-  c.search.warmup_epochs = {warmup}
-  return c
+{overrides}  return c
 """
 
 
@@ -57,7 +61,8 @@ def run_mode(mode: str, config_path: str, lambdas: str, scratch: str) -> dict:
                                                                      for m in members},
               val_acc_by_lambda={f"{m['lam']:g}": m["val_acc"] for m in members},
               arch_by_lambda={f"{m['lam']:g}": " ".join(m["layers"]) for m in members},
-              energy_monotone_non_increasing=_non_increasing([energy[f"{m['lam']:g}"] for m in members]))
+              energy_monotone_non_increasing=_non_increasing([energy[f"{m['lam']:g}"] for m in members]),
+              expected_energy_monotone_non_increasing=_non_increasing([m["expected_cost"] for m in members]))
 
 
 def _loop_seconds(workdir: str, member: dict) -> float:
@@ -71,10 +76,10 @@ def _non_increasing(values) -> bool:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--epochs", type=int, default=4)
-  parser.add_argument("--warmup_epochs", type=int, default=1)
+  parser.add_argument("--epochs", type=int, default=0, help="0: the config's own")
+  parser.add_argument("--warmup_epochs", type=float, default=-1, help="negative: the config's own")
   parser.add_argument("--lambdas", default="0,0.3,1,3")
-  parser.add_argument("--modes", default="seq,vmap,scan")
+  parser.add_argument("--modes", default="seq,scan")
   parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "sweep.json"))
   args = parser.parse_args()
   lambdas = sorted(float(v) for v in args.lambdas.split(","))
@@ -82,20 +87,20 @@ def main():
   with tempfile.TemporaryDirectory(prefix="sweep_bench_") as scratch:
     config_path = os.path.join(scratch, "config.py")
     with open(config_path, "w") as f:
-      f.write(CONFIG.format(epochs=args.epochs, warmup=args.warmup_epochs))
+      overrides = (f"  c.search.epochs = {args.epochs}\n" if args.epochs > 0 else "") + (
+          f"  c.search.warmup_epochs = {args.warmup_epochs}\n" if args.warmup_epochs >= 0 else "")
+      f.write(CONFIG.format(overrides=overrides))
     modes = {m: run_mode(m, config_path, lambda_text, scratch) for m in args.modes.split(",")}
   seq = modes.get("seq")
   result = dict(
-      benchmark="sweep", lambdas=lambdas, config="experiments/digits.py", epochs=args.epochs,
-      warmup_epochs=args.warmup_epochs, cpu_count=os.cpu_count(), load_avg_1m_at_end=os.getloadavg()[0],
+      benchmark="sweep", lambdas=lambdas, config="experiments/digits.py",
+      epochs=args.epochs if args.epochs > 0 else digits.get_config().search.epochs,
+      warmup_epochs=args.warmup_epochs if args.warmup_epochs >= 0 else digits.get_config().search.warmup_epochs, cpu_count=os.cpu_count(), load_avg_1m_at_end=os.getloadavg()[0],
       modes=modes,
       speedup_vs_sequential={m: round(seq["wall_s"] / r["wall_s"], 2) for m, r in modes.items() if seq and m != "seq"},
-      mean_energy_uj_by_lambda={k: sum(r["energy_uj_by_lambda"][k] for r in modes.values()) / len(modes)
-                                for k in next(iter(modes.values()))["energy_uj_by_lambda"]},
-      note=("vmap: every member stepped at once (Gumbel's switch becomes select: all candidates run); scan: "
-            "members stepped one at a time inside the one compiled program. Each mode has its own fresh JAX "
-            "compilation cache."))
-  result["mean_energy_monotone_non_increasing"] = _non_increasing(list(result["mean_energy_uj_by_lambda"].values()))
+      note=("seq: members one after another; scan: --vectorize --chunk=1, members stepped in turn inside one "
+            "compiled program; vmap: every member stepped at once (Gumbel's switch becomes select: all candidates "
+            "run). Each mode has its own fresh JAX compilation cache."))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)

@@ -17,10 +17,13 @@ class ParallelError(ValueError):
   pass
 
 
-def initialize_multihost() -> None:
-  """Joins a multi-process run. JAX reads the coordinator from the environment (Slurm, TPU pods, or
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
-  jax.distributed.initialize()
+def initialize_multihost(coordinator_address: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> None:
+  """Joins a multi-process run through JAX's distributed runtime. Left as None, the three settings are detected
+  by JAX on the clusters it knows (Slurm, Open MPI, Kubernetes, Cloud TPU pods); the coordinator address may also
+  come from the environment variable JAX_COORDINATOR_ADDRESS. Processes started by hand must pass all three."""
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def make_mesh() -> Mesh:

@@ -2,7 +2,7 @@
 import os
 import sys
 
-from absl import logging
+from absl import flags, logging
 
 USER_ERROR_MODULES = ("edgenas",)
 
@@ -23,6 +23,24 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def define_multihost_flags() -> None:
+  """--multihost and, for processes started by hand, where to find process 0 (JAX detects Slurm, Open MPI,
+  Kubernetes and TPU pods by itself)."""
+  flags.DEFINE_bool("multihost", False, "Join a multi-process run (jax.distributed.initialize()).")
+  flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0, where JAX cannot "
+                      "detect the cluster.")
+  flags.DEFINE_integer("num_processes", None, "--multihost: number of processes, where JAX cannot detect it.")
+  flags.DEFINE_integer("process_id", None, "--multihost: this process's index, where JAX cannot detect it.")
+
+
+def initialize_multihost_if_asked() -> None:
+  """Acts on the flags of `define_multihost_flags`; must run before anything touches a JAX device."""
+  f = flags.FLAGS
+  if f.multihost:
+    from edgenas import parallel
+    parallel.initialize_multihost(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def setup_process() -> None:

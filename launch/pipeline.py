@@ -13,14 +13,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Ex
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also retrain the baselines for the comparison table.")
 _EXPORT = flags.DEFINE_bool("export", True, "Export and verify the searched network in TFLite Micro.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+common.define_multihost_flags()
 
 
 def main(argv):
   del argv
-  from edgenas import parallel, pipeline
-  if _MULTIHOST.value:
-    parallel.initialize_multihost()
+  from edgenas import pipeline
+  common.initialize_multihost_if_asked()
   common.setup_process()
   common.run_or_exit(pipeline.run_pipeline, _CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
                      export=_EXPORT.value)

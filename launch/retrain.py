@@ -20,7 +20,7 @@ _BASELINE = flags.DEFINE_string("baseline", None, "A hand-designed reference net
                                 "mobilenetv2_1.0, mobilenetv2_0.35 or dscnn.")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "Platforms priced in report.json (default: "
                                "config.retrain.platforms, else config.cost.platform).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+common.define_multihost_flags()
 
 
 def resolve_architecture(config, arch_flag, baseline_flag):
@@ -43,9 +43,7 @@ def retrain(config, arch_flag, baseline_flag, workdir, platforms):
 
 def main(argv):
   del argv
-  from edgenas import parallel
-  if _MULTIHOST.value:
-    parallel.initialize_multihost()
+  common.initialize_multihost_if_asked()
   common.setup_process()
   report = common.run_or_exit(retrain, _CONFIG.value, _ARCH.value, _BASELINE.value, _WORKDIR.value,
                               _PLATFORMS.value)

@@ -10,14 +10,13 @@ from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
+common.define_multihost_flags()
 
 
 def main(argv):
   del argv
-  from edgenas import parallel, search
-  if _MULTIHOST.value:
-    parallel.initialize_multihost()
+  from edgenas import search
+  common.initialize_multihost_if_asked()
   common.setup_process()
   result = common.run_or_exit(search.run_search, _CONFIG.value, _WORKDIR.value)
   print(f"arch {result['arch_hash']}: {' '.join(result['arch']['layers'])}  "

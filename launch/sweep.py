@@ -26,20 +26,14 @@ _CHUNK = flags.DEFINE_integer("chunk", None, "--vectorize: members stepped at on
 _RETRAIN = flags.DEFINE_bool("retrain", False, "Retrain every member and the config's baselines.")
 _EXPORT = flags.DEFINE_bool("export", False, "Export every retrained member to int8 TFLite Micro (implies "
                             "--retrain).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (Slurm, TPU pods, ...).")
-# Only needed where JAX cannot detect the cluster itself (e.g. processes started by hand on one machine).
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--multihost: number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--multihost: this process's index.")
+common.define_multihost_flags()
 
 
 def main(argv):
   del argv
   import jax
   from edgenas import sweep
-  if _MULTIHOST.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  common.initialize_multihost_if_asked()
   common.setup_process()
 
   def run():
