@@ -100,6 +100,14 @@ def baseline_architecture(name: str, input_shape, num_classes: int) -> space_lib
   raise BaselineError(f"unknown baseline '{name}'; choose one of {', '.join(NAMES)}")
 
 
+def check_names(names) -> None:
+  """Refuses unknown baseline names up front, before a long search would reach them."""
+  unknown = [n for n in names if n not in NAMES]
+  if unknown:
+    raise BaselineError(f"unknown baseline(s) {', '.join(map(repr, unknown))} in config.baselines; choose from "
+                        f"{', '.join(NAMES)}")
+
+
 def baseline_architectures(input_shape, num_classes: int, names=NAMES) -> dict[str, space_lib.Architecture]:
   """{name: Architecture} of the reference networks for this input and number of classes."""
   return {n: baseline_architecture(n, input_shape, num_classes) for n in names}

@@ -40,6 +40,7 @@ def _row(name: str, report: dict, platform: str, export_report: dict | None = No
 
 def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool = True) -> dict:
   t0 = time.time()
+  train_lib.check_later_stages(config, baselines)
   os.makedirs(workdir, exist_ok=True)
   platform = config.cost.platform
   search_dir = os.path.join(workdir, "search")

@@ -114,7 +114,8 @@ class PopulationSteps:
                                out_shardings=(self.pop, self.repl), donate_argnums=0)
     self.arch_step = jax.jit(over_population(obj.arch_step, (0, None, None, None, None, 0, 0), chunk, size),
                              out_shardings=(self.pop, self.repl), donate_argnums=0)
-    self.correct = jax.jit(jax.vmap(obj.eval_step, in_axes=(0, None)), out_shardings=self.repl)
+    # Evaluation follows the same chunking: under one vmap Gumbel's argmax switch would run every candidate.
+    self.correct = jax.jit(over_population(obj.eval_step, (0, None), chunk, size), out_shardings=self.repl)
     self.gather = jax.jit(lambda tree: tree, out_shardings=self.repl)
 
   def accuracy(self, state, split: data_lib.Split, batch_size: int) -> np.ndarray:

@@ -194,9 +194,9 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
   retrain = retrain or export  # an export needs the retrained network
   stages = {}
   if retrain:
-    if "retrain" not in config:
-      raise SweepError("--retrain needs a config.retrain section (see experiments/digits.py)")
     stages["retrain"] = _require_stage("retrain", "edgenas.train", "run_retrain")
+    from edgenas import train as train_lib
+    train_lib.check_later_stages(config)
   if export:
     stages["export"] = _require_stage("export", "edgenas.export", "export_workdir")
   rundir.prepare_workdir(workdir, config)

@@ -101,6 +101,17 @@ def check_config(rc) -> None:
     raise RetrainError("config.retrain.weight_decay and config.retrain.max_shift must be >= 0")
 
 
+def check_later_stages(config, baselines: bool = True) -> None:
+  """What a pipeline or sweep will need after its search, checked before the search starts: a valid
+  config.retrain and known baselines. A bad field then costs seconds, not a whole search."""
+  if "retrain" not in config:
+    raise RetrainError("retraining needs a config.retrain section (see experiments/digits.py)")
+  check_config(config.retrain)
+  if baselines:
+    from edgenas import baselines as baselines_lib
+    baselines_lib.check_names(tuple(config.get("baselines", ())))
+
+
 def platforms_of(config) -> list[str]:
   """The platforms a report prices: `config.retrain.platforms`, or else the search's `config.cost.platform`."""
   names = list(config.retrain.get("platforms", ()) or ())

@@ -283,3 +283,21 @@ def test_importing_edgenas_and_the_exporter_does_not_import_tensorflow():
           "bad = [m for m in ('tensorflow', 'ai_edge_litert', 'tflite_micro') if m in sys.modules]; "
           "assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_arena_grows_past_the_recorded_figure_when_prepare_needs_temporary_memory():
+  """A 2-kB depthwise model whose DEPTHWISE_CONV_2D Prepare asks for 64 temporary bytes that the arena TFLM's
+  recording allocator reports does not hold; the measured arena must be one the model really runs in."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testdata",
+                      "tiny_dw_prepare_temp.tflite")
+  with open(path, "rb") as f:
+    flatbuffer = f.read()
+  arena = verify.measure_arena(flatbuffer)
+  assert arena["arena_bytes"] > arena["reported_bytes"]
+  assert arena["arena_bytes"] % verify.ARENA_ALIGNMENT == 0
+  with pytest.raises(errors.UnsupportedOpError, match="arena"):
+    verify.TflmRunner(flatbuffer, arena["reported_bytes"])
+  with pytest.raises(errors.UnsupportedOpError, match="arena"):  # and it is the smallest that works
+    verify.TflmRunner(flatbuffer, arena["arena_bytes"] - verify.ARENA_ALIGNMENT)
+  runner = verify.TflmRunner(flatbuffer, arena["arena_bytes"])
+  assert runner.run_int8(np.zeros((2,) + tuple(int(d) for d in runner.input["shape"][1:]), np.int8)).shape == (2, 10)

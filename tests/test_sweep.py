@@ -72,6 +72,29 @@ def test_bad_input_is_refused_before_any_work(tmp_path, lambdas, platforms, targ
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("warmup_epochs", 99, "config.retrain.warmup_epochs must be in [0, epochs)"),
+    ("baselines", ("resnet50",), "unknown baseline(s) 'resnet50'"),
+])
+def test_bad_retrain_settings_are_refused_before_the_search(tmp_path, field, value, message):
+  """A sweep with --retrain, or a pipeline, finds a bad retrain field or baseline name before searching."""
+  from edgenas import pipeline
+  c = small_config()
+  if field == "baselines":
+    c.baselines = value
+  else:
+    c.retrain[field] = value
+  workdir = tmp_path / "sweep"
+  with pytest.raises(ValueError) as info:
+    sweep.run_sweep(c, str(workdir), [0.1], retrain=True)
+  assert message in str(info.value)
+  assert not workdir.exists()
+  with pytest.raises(ValueError) as info:
+    pipeline.run_pipeline(c, str(tmp_path / "pipeline"))
+  assert message in str(info.value)
+  assert not (tmp_path / "pipeline").exists()
+
+
 def test_parse_values_names_the_flag():
   assert sweep.parse_values("0, 0.1,3", "lambdas") == [0.0, 0.1, 3.0]
   with pytest.raises(sweep.SweepError, match="--lambdas: 'x' is not a number"):

@@ -206,12 +206,14 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
         dataset=dataset.name, model_file=MODEL_FILE, tflite_bytes=len(flatbuffer), flash_bytes=len(flatbuffer),
         ops=[dict(index=o["index"], op=o["op"], version=o["version"]) for o in ops], op_summary=summary,
         all_int8=True, tflm_supported=True,
-        arena=dict(measured_tflm_bytes=arena["arena_bytes"], head_bytes=arena["head_bytes"],
+        arena=dict(measured_tflm_bytes=arena["arena_bytes"], recorded_by_tflm_bytes=arena["reported_bytes"],
+                   head_bytes=arena["head_bytes"],
                    tail_bytes=arena["tail_bytes"], device_arena_bytes=device_arena,
                    predicted_peak_sram_bytes=arch_sram, predicted_peak_sram_bytes_tflite=tflite_sram,
                    measured_minus_predicted_bytes=arena["arena_bytes"] - arch_sram,
                    measured_over_predicted=arena["arena_bytes"] / max(1, arch_sram),
-                   note=("measured: TFLM RecordingMicroAllocator on this host (reference kernels, 64-bit "
+                   note=("measured: the smallest arena (16-byte steps from what TFLM's RecordingMicroAllocator "
+                         "records) the model loads and runs in on this host (reference kernels, 64-bit "
                          "pointers), activations plus TFLM's own structures; predicted: the memory model's largest "
                          "live int8 activation set (Architecture.peak_activation_bytes); device_arena_bytes adds "
                          "CMSIS-NN scratch headroom and is what model_data.h allocates")),
