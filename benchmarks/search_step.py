@@ -4,7 +4,11 @@ for each relaxation, on the digits config and on a CIFAR-sized config (32x32x3, 
 Each (config, relaxation) runs in its own subprocess so that peak RSS is its own. Random data of the right shape
 stands in for the images: the cost of a step does not depend on pixel values.
 
-  python benchmarks/search_step.py [--steps 10] [--out benchmarks/results/search_step.json]
+  python benchmarks/search_step.py [--steps 10] [--configs digits,cifar] [--relaxations softmax,gumbel,sigmoid]
+      [--out benchmarks/results/search_step.json]
+
+The recorded file combines `--configs digits --steps 10` and `--configs cifar --steps 3` (a CIFAR softmax pair takes
+about 13 s), run back to back; each gumbel/softmax ratio compares rows of one run.
 """
 import argparse
 import json
