@@ -1,6 +1,7 @@
 """The embedded default: search on scikit-learn's handwritten digits (8x8x1, 10 classes) for the default platform.
 
-Sized so that search + derive finishes in about 3 minutes on 2 CPU cores, and the whole pipeline in 10.
+Sized so that search + derive finishes within 3 minutes on 2 CPU cores (111 s measured with an empty compile
+cache), and the whole pipeline within 10 (265 s).
 Override any field from the command line, e.g. `--config.cost.lam=0.3 --config.search.relaxation=softmax`.
 """
 import ml_collections
