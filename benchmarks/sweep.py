@@ -92,10 +92,12 @@ def main():
       f.write(CONFIG.format(overrides=overrides))
     modes = {m: run_mode(m, config_path, lambda_text, scratch) for m in args.modes.split(",")}
   seq = modes.get("seq")
+  default = digits.get_config().search
   result = dict(
       benchmark="sweep", lambdas=lambdas, config="experiments/digits.py",
-      epochs=args.epochs if args.epochs > 0 else digits.get_config().search.epochs,
-      warmup_epochs=args.warmup_epochs if args.warmup_epochs >= 0 else digits.get_config().search.warmup_epochs, cpu_count=os.cpu_count(), load_avg_1m_at_end=os.getloadavg()[0],
+      epochs=args.epochs if args.epochs > 0 else default.epochs,
+      warmup_epochs=args.warmup_epochs if args.warmup_epochs >= 0 else default.warmup_epochs,
+      cpu_count=os.cpu_count(), load_avg_1m_at_end=os.getloadavg()[0],
       modes=modes,
       speedup_vs_sequential={m: round(seq["wall_s"] / r["wall_s"], 2) for m, r in modes.items() if seq and m != "seq"},
       note=("seq: members one after another; scan: --vectorize --chunk=1, members stepped in turn inside one "

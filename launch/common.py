@@ -10,7 +10,6 @@ USER_ERROR_MODULES = ("edgenas",)
 def quiet_library_logs() -> None:
   """Orbax and JAX log every checkpoint step at INFO; keep the terminal for our progress lines unless the user
   asked for more with --verbosity / -v."""
-  from absl import flags
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
 

@@ -230,17 +230,16 @@ def measure_arena(flatbuffer: bytes) -> dict:
   fig = {k: int(m.group(1)) for k in ("head", "tail")
          for m in [re.search(rf"Arena allocation {k} (\d+) bytes", report)] if m}
   reported = -(-int(found.group(1)) // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
-  arena = reported
-  while True:
+  for arena in range(reported, reported + MAX_ARENA_GROWTH_BYTES + 1, ARENA_ALIGNMENT):
     try:
       with _captured_stderr():  # TFLM prints its allocation failures; they are expected while growing
         TflmRunner(flatbuffer, arena).run_int8(zeros)
       break
     except errors.UnsupportedOpError:
-      if arena - reported >= MAX_ARENA_GROWTH_BYTES:
-        raise errors.ExportError(f"TFLite Micro reported a {reported}-byte arena but the model does not load in "
-                                 f"{arena} bytes either; its allocation report was:\n{report[:2000]}") from None
-      arena += ARENA_ALIGNMENT
+      continue
+  else:
+    raise errors.ExportError(f"TFLite Micro reported a {reported}-byte arena but the model does not load in "
+                             f"{arena} bytes either; its allocation report was:\n{report[:2000]}")
   return dict(arena_bytes=arena, reported_bytes=reported, head_bytes=fig.get("head"), tail_bytes=fig.get("tail"),
               allocation_report=[l for l in lines if "RecordingMicroAllocator" in l])
 
