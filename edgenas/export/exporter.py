@@ -38,6 +38,7 @@ FLOAT_TOLERANCE_PTS = 1.0  # int8 vs float accuracy, post-training quantization
 QAT_TOLERANCE_PTS = 0.5  # int8 vs fake-quant accuracy, quantization-aware training
 MIN_AGREEMENT = 0.99  # int8 argmax agreement with the float (or, with QAT, the fake-quant) network
 EVAL_BATCH = 256
+DEFAULT_TARGET_IMAGES = 16  # test images each emulated target runs and checks byte for byte
 
 
 def _say(line: str) -> None:
@@ -123,8 +124,9 @@ def _accuracy_checks(int8_acc: float, float_acc: float, fq_acc: Optional[float],
 def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Dataset, out_dir: str,
                  platforms: Sequence[str] = ("stm32l4r5_tflm",), quant_state: Optional[Mapping] = None, *,
                  calibration_images: int = convert.DEFAULT_CALIBRATION_IMAGES, eval_limit: Optional[int] = None,
-                 seed: int = 0, strict: bool = True, cpu: str = "cortex-m7+fp", riscv_arch: str = "rv32imc",
-                 extra: Optional[Mapping] = None, log: Callable[[str], None] = _say) -> dict:
+                 seed: int = 0, strict: bool = True, cpu: str = "cortex-m7+fp", riscv_arch: str = "rv32imac",
+                 extra: Optional[Mapping] = None, targets: Sequence[str] = (),
+                 target_images: int = DEFAULT_TARGET_IMAGES, log: Callable[[str], None] = _say) -> dict:
   """Exports `arch` with trained `variables` ({"params", "batch_stats"}) into `out_dir`; returns report.json.
 
   `quant_state`: activation ranges {tensor: [min, max]} learned by QAT (edgenas.quant); None for a float-trained
@@ -132,6 +134,10 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
   test images run through TFLM. With `strict`, an accuracy or agreement check that fails raises AccuracyError
   after the files are written (report.json then says `checks.passed: false`). Budget and operator failures raise
   before anything is written into `out_dir`.
+
+  `targets` (e.g. ["cortex-m4", "rv32imac"]): after the export, build the program for each emulated core, run it
+  under QEMU on the first `target_images` test images and record the device's result in report.json["targets"]
+  (see `run_targets`). An export that is already finished only gains the targets it lacks.
   """
   from edgenas.energy import estimate as estimate_lib
   from edgenas.energy import platform as platform_lib
@@ -147,7 +153,7 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
   existing = _existing_report(out_dir, arch, [p.name for p in profiles], log)
   if existing is not None:
     log(f"{out_dir}: already exported for {', '.join(platforms)}; not exporting again")
-    return existing
+    return run_targets(out_dir, targets, dataset, target_images, log) if targets else existing
 
   t_start = time.time()
   model_name = arch.name or f"arch_{arch.hash()}"
@@ -194,9 +200,10 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
     for p in profiles:
       check_budgets(p, arena["arena_bytes"], len(flatbuffer))
     summary = verify.op_summary(ops)
+    n_samples = min(target_images, n_test)
     sources = csource.model_data_sources(flatbuffer, device_arena, runner.input_qparams, runner.output_qparams,
-                                         arch.input_shape, arch.num_classes, runner.quantize_input(images[:1])[0],
-                                         int8_out[0], int(labels[0]), model_name)
+                                         arch.input_shape, arch.num_classes, runner.quantize_input(images[:n_samples]),
+                                         int8_out[:n_samples], [int(v) for v in labels[:n_samples]], model_name)
     sources.update(csource.build_sources([s["tflm_resolver"] for s in summary], model_name, cpu, riscv_arch))
     csource.write_sources(staging, sources)
     tflite_sram = next(iter(estimates.values()))["peak_sram_bytes"]
@@ -245,6 +252,55 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
         f"{FLOAT_TOLERANCE_PTS} pt vs float{'' if fq_acc is None else f', {QAT_TOLERANCE_PTS} pt vs fake-quant'}); "
         f"argmax agreement with the {checks['agreement_reference']} network "
         f"{agreement if fq_agreement is None else fq_agreement:.4f} (minimum {MIN_AGREEMENT})")
+  return run_targets(out_dir, targets, dataset, target_images, log) if targets else report
+
+
+def target_samples(dataset: data_lib.Dataset, flatbuffer: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """(int8 images, labels): the first `count` test images, quantised as the model's input expects."""
+  images, labels = dataset.test.images[:count], dataset.test.labels[:count]
+  return verify.TflmRunner(flatbuffer).quantize_input(images), np.asarray(labels)
+
+
+def run_targets(out_dir: str, targets: Sequence[str], dataset: data_lib.Dataset,
+                images: int = DEFAULT_TARGET_IMAGES, log: Callable[[str], None] = _say) -> dict:
+  """Runs a finished export on each emulated target it has not run on yet; returns the updated report.json.
+
+  Each target's build (sources, ELF, map, logs, console output) stays in `out_dir/build/<target>/`. A target's
+  result enters report.json only when every output byte matched the host; a mismatch raises MismatchError naming
+  the image and the first differing output, and a missing tool, failed build or hang raises its DeviceError, with
+  report.json as it was."""
+  from edgenas.device import errors as device_errors
+  from edgenas.device import memory as device_memory
+  from edgenas.device import runner as device_runner
+  from edgenas.device import targets as targets_lib
+
+  path = os.path.join(out_dir, REPORT_FILE)
+  report = rundir.read_json(path)
+  done = report.get("targets", {})
+  todo = [t.name for t in targets_lib.parse_targets(",".join(targets)) if t.name not in done]
+  if not todo:
+    return report
+  with open(os.path.join(out_dir, report["model_file"]), "rb") as f:
+    flatbuffer = f.read()
+  inputs, labels = target_samples(dataset, flatbuffer, images)
+  if len(inputs) < images:
+    log(f"export: the test split has {len(inputs)} images; the targets check all of them")
+  for name in todo:
+    result = device_runner.run_on_target(flatbuffer, name, inputs, os.path.join(out_dir, "build"), labels,
+                                         arena_bytes=report["arena"]["device_arena_bytes"],
+                                         model_name=report.get("arch_name") or f"arch_{report['arch_hash']}",
+                                         log=log)
+    result["memory_model"] = device_memory.compare(flatbuffer, name, result)
+    rundir.atomic_write_json(os.path.join(out_dir, "build", name, "result.json"), result)
+    if not result["matches_host"]:
+      m = result["first_mismatch"]
+      raise device_errors.MismatchError(
+          f"target {name}: image {m['image']} differs from the host TFLite Micro interpreter at output "
+          f"{m['index']} (device {m['device']}, host {m['host']}){' ' + m['note'] if m.get('note') else ''}; "
+          f"{result['images_matching']}/{result['images_checked']} images matched; build kept in "
+          f"{os.path.join(out_dir, 'build', name)}")
+    report = dict(report, targets=dict(report.get("targets", {}), **{name: result}))
+    rundir.atomic_write_json(path, report)
   return report
 
 
