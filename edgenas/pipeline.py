@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Sequence
 
 from edgenas import baselines as baselines_lib
 from edgenas import rundir
@@ -25,6 +26,7 @@ SUMMARY_MD = "summary.md"
 
 
 def _row(name: str, report: dict, platform: str, export_report: dict | None = None) -> dict:
+  """One line of the summary table; with an export, its TFLM accuracy and what each emulated target ran."""
   cost = report["platforms"][platform]
   row = dict(network=name, arch_hash=report["arch_hash"], test_acc_float=report["test_acc_float"],
              test_acc_fake_quant=report["test_acc_fake_quant"], energy_uj=cost["energy_uj"],
@@ -34,15 +36,31 @@ def _row(name: str, report: dict, platform: str, export_report: dict | None = No
     row.update(test_acc_int8_tflm=export_report["accuracy"]["int8_tflm"],
                argmax_agreement_int8=export_report["accuracy"]["argmax_agreement_int8_float"],
                arena_bytes_tflm=export_report["arena"]["measured_tflm_bytes"],
-               tflite_bytes=export_report["tflite_bytes"])
+               tflite_bytes=export_report["tflite_bytes"],
+               targets={t: dict(matches_host=r["matches_host"], images_checked=r["images_checked"],
+                                instructions_per_inference=r["instructions_per_inference"],
+                                arena_used_bytes=r["arena_used_bytes"],
+                                deployed_flash_bytes=r["elf"]["deployed_flash_bytes"])
+                        for t, r in export_report.get("targets", {}).items()})
   return row
 
 
-def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool = True) -> dict:
+def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool = True,
+                 targets: Sequence[str] | None = None) -> dict:
+  """Runs every stage (see the module docstring). `targets`: the emulated cores the export runs on and is
+  checked byte for byte (edgenas.device); None means the platform's own core, () none."""
   t0 = time.time()
   train_lib.check_later_stages(config, baselines)
   os.makedirs(workdir, exist_ok=True)
   platform = config.cost.platform
+  if targets is None:
+    from edgenas.energy import platform as platform_lib
+    own = platform_lib.load_platform(platform).target
+    targets = (own,) if own else ()
+  if export and targets:
+    from edgenas.device import targets as targets_lib
+    for t in targets_lib.parse_targets(",".join(targets)):
+      targets_lib.check_toolchain(t)  # before the search, not after it
   search_dir = os.path.join(workdir, "search")
   search_lib.say("== 1/4 search ==")
   search_result = search_lib.run_search(config, search_dir)
@@ -56,10 +74,11 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
 
   export_report, export_dir = None, None
   if export:
-    search_lib.say("== 3/4 export to TFLite Micro and verify in the TFLM interpreter ==")
+    search_lib.say("== 3/4 export to TFLite Micro, verify in the TFLM interpreter"
+                   f"{' and on ' + ', '.join(targets) if targets else ''} ==")
     from edgenas import export as export_lib
     export_dir = os.path.join(retrain_dir, "export")
-    export_report = export_lib.export_workdir(retrain_dir, [platform], out_dir=export_dir)
+    export_report = export_lib.export_workdir(retrain_dir, [platform], out_dir=export_dir, targets=targets)
   t_export = time.time()
 
   rows = [_row("searched", report, platform, export_report)]
@@ -103,14 +122,24 @@ def summary_table(summary: dict) -> str:
            "| network | test acc (float) | test acc (int8 fake-quant) | test acc (int8, TFLM) | energy µJ | "
            "vs MBV2-1.0 | latency ms | peak SRAM KiB | flash KiB | MACs |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  target_names = sorted({t for r in summary["rows"] for t in r.get("targets", {})})
+  lines[2] += "".join(f" on {t} |" for t in target_names)
+  lines[3] += "---|" * len(target_names)
   for r in summary["rows"]:
     tflm = r.get("test_acc_int8_tflm")
     ratio = r.get("energy_vs_mobilenetv2_1.0")
-    lines.append(
-        f"| {r['network']} | {100 * r['test_acc_float']:.2f}% | {100 * r['test_acc_fake_quant']:.2f}% | "
-        f"{'' if tflm is None else f'{100 * tflm:.2f}%'} | {r['energy_uj']:.1f} | "
-        f"{'' if ratio is None else f'{100 * ratio:.1f}%'} | {r['latency_ms']:.2f} | "
-        f"{r['peak_sram_bytes'] / 1024:.1f} | {r['flash_bytes'] / 1024:.1f} | {r['macs']:,} |")
+    line = (f"| {r['network']} | {100 * r['test_acc_float']:.2f}% | {100 * r['test_acc_fake_quant']:.2f}% | "
+            f"{'' if tflm is None else f'{100 * tflm:.2f}%'} | {r['energy_uj']:.1f} | "
+            f"{'' if ratio is None else f'{100 * ratio:.1f}%'} | {r['latency_ms']:.2f} | "
+            f"{r['peak_sram_bytes'] / 1024:.1f} | {r['flash_bytes'] / 1024:.1f} | {r['macs']:,} |")
+    for t in target_names:
+      d = r.get("targets", {}).get(t)
+      line += "" if d is None else (
+          f" {'byte-exact' if d['matches_host'] else 'MISMATCH'} on {d['images_checked']} images, "
+          f"{d['instructions_per_inference'] / 1e6:.2f} M instr, arena {d['arena_used_bytes'] / 1024:.1f} KiB, "
+          f"flash {d['deployed_flash_bytes'] / 1024:.0f} KiB |")
+      line += " |" if d is None else ""
+    lines.append(line)
   s = summary["seconds"]
   lines += ["", f"Wall time: {s['total']:.0f} s (search {s['search']:.0f}, retrain {s['retrain']:.0f}, export "
                 f"{s['export']:.0f}, baselines {s['baselines']:.0f})", "", "Files:"]

@@ -13,6 +13,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Ex
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also retrain the baselines for the comparison table.")
 _EXPORT = flags.DEFINE_bool("export", True, "Export and verify the searched network in TFLite Micro.")
+_TARGETS = flags.DEFINE_list("targets", None, "Emulated cores the export runs on, byte-exact against the host "
+                             "(cortex-m4, cortex-m7, rv32imac); default: the platform's own core; '' for none.")
 common.define_multihost_flags()
 
 
@@ -22,7 +24,8 @@ def main(argv):
   common.initialize_multihost_if_asked()
   common.setup_process()
   common.run_or_exit(pipeline.run_pipeline, _CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
-                     export=_EXPORT.value)
+                     export=_EXPORT.value, targets=None if _TARGETS.value is None else
+                     [t for t in _TARGETS.value if t])
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
   # Time single-operator int8 models in the TFLite Micro interpreter on this machine:
   python -m launch.profile --backend=host --out=edgenas/energy/platforms/host_lut.csv
+  # Count every operator of the grid on an emulated core (instructions, flash/RAM accesses, arena):
+  python -m launch.profile --backend=emulate --target=cortex-m4
   # Write a TFLM benchmark program (DWT cycle counter) for a board:
   python -m launch.profile --backend=board --out_dir=/tmp/lut_bench
   # Turn the board's serial log into a LUT:
   python -m launch.profile --backend=parse_log --log=serial.txt --platform=stm32l4r5_tflm --out=board_lut.csv
   # Fit a platform's regressor to its table (writes coefficients and k-fold fit quality into its profile):
   python -m launch.profile --backend=fit --platform=host
-  # Calibrate an MCU platform's table to its MLPerf Tiny measurements, then fit it:
+  # Build an MCU platform's table from its target's counts and its cycle model, the model's constants fitted to
+  # its MLPerf Tiny measurements, then fit its regressor:
   python -m launch.profile --backend=calibrate --platform=stm32l4r5_tflm
 """
 import json
@@ -24,9 +27,13 @@ from edgenas.energy import profiling
 from edgenas.energy import regressor
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("backend", "host", ["host", "board", "parse_log", "fit", "calibrate"],
+flags.DEFINE_enum("backend", "host", ["host", "emulate", "board", "parse_log", "fit", "calibrate"],
                   "Where the table's figures come from, or which fitting step to run.")
-flags.DEFINE_string("out", None, "LUT CSV to write (host, parse_log).")
+flags.DEFINE_string("out", None, "LUT CSV to write (host, parse_log); counts CSV (emulate, default "
+                    "edgenas/energy/platforms/counts_<target>.csv).")
+flags.DEFINE_string("target", None, "Emulated cores to count the grid on (emulate), comma-separated: cortex-m4, "
+                    "cortex-m7, rv32imac.")
+flags.DEFINE_string("build_dir", None, "Where the emulate backend builds its programs (default: a temp dir).")
 flags.DEFINE_string("out_dir", None, "Directory for the board benchmark program (board).")
 flags.DEFINE_string("log", None, "Serial log captured from the board program (parse_log).")
 flags.DEFINE_string("platform", "host", "Platform whose active power turns latency into energy.")
@@ -43,8 +50,32 @@ def _grid():
   return grid[:FLAGS.limit] if FLAGS.limit else grid
 
 
+def _emulate() -> None:
+  import tempfile
+  from edgenas.energy import counts as counts_lib
+  if not FLAGS.target:
+    raise app.UsageError("--target is required with --backend=emulate")
+  grid = profiling.emulated_grid(FLAGS.grid_seed)
+  grid = grid[:FLAGS.limit] if FLAGS.limit else grid
+  targets = [t.strip() for t in FLAGS.target.split(",") if t.strip()]
+  if FLAGS.out and len(targets) > 1:
+    raise app.UsageError("--out names one table; give one --target with it")
+  build_dir = FLAGS.build_dir or tempfile.mkdtemp(prefix="edgenas-profile-")
+  for target, rows in profiling.profile_emulated(grid, targets, build_dir).items():
+    out = FLAGS.out or counts_lib.counts_path(target)
+    counts_lib.save_counts(rows, out)
+    print(f"wrote {len(rows)} rows to {out} (programs in {build_dir})")
+
+
 def main(argv):
   del argv
+  from launch import common
+  common.run_or_exit(_main)
+
+
+def _main():
+  if FLAGS.backend == "emulate":
+    return _emulate()
   platform = platform_lib.load_platform(FLAGS.platform)
   power_mw = FLAGS.power_mw if FLAGS.power_mw is not None else platform.active_mw
   if FLAGS.backend == "host":

@@ -128,21 +128,23 @@ def _support_sources(target: targets_lib.Target) -> tuple[list[str], list[str]]:
     return ([os.path.join(SUPPORT_DIR, "startup_cortex_m.c")],
             ["-T", os.path.join(SUPPORT_DIR, "cortex_m_mps2.ld")])
   return ([os.path.join(SUPPORT_DIR, "riscv_virt.c"), os.path.join(SUPPORT_DIR, "riscv_cxx.cc")],
-          ["-Wl,--defsym=__flash=0x80000000", "-Wl,--defsym=__flash_size=0x800000",
-           "-Wl,--defsym=__ram=0x80800000", "-Wl,--defsym=__ram_size=0x800000"])
+          ["-T", os.path.join(SUPPORT_DIR, "riscv_virt.ld")])
 
 
 def build_program(target: targets_lib.Target, library: tflm_lib.Library, directory: str, model_name: str,
-                  log: Callable[[str], None] = _say) -> str:
-  """Compiles and links the program in `directory` against `library`; returns the ELF path. A failure raises
-  BuildError naming the log, which is kept."""
+                  log: Callable[[str], None] = _say, sources: Optional[Sequence[str]] = None) -> str:
+  """Compiles and links the program in `directory` (its main.cc and model_data.cc, or `sources`) against
+  `library`, with the emulator board's start-up code; returns the ELF path. A failure raises BuildError naming
+  the log, which is kept."""
   build_log = os.path.join(directory, "build.log")
   if os.path.exists(build_log):
     os.remove(build_log)
   support, link_extra = _support_sources(target)
   defines = ["-DEDGENAS_REPEATS=0", "-DEDGENAS_STDIO_LOG", f"-DEDGENAS_MODEL_NAME=\"{model_name}\""]
   objects = []
-  for src in [os.path.join(directory, "main.cc"), os.path.join(directory, "model_data.cc")] + support:
+  if sources is None:
+    sources = [os.path.join(directory, "main.cc"), os.path.join(directory, "model_data.cc")]
+  for src in list(sources) + support:
     obj = os.path.join(directory, "obj", os.path.splitext(os.path.basename(src))[0] + ".o")
     os.makedirs(os.path.dirname(obj), exist_ok=True)
     cmd = tflm_lib.compile_command(target, src, obj, (directory,) + library.include_dirs, defines, opt=APP_OPT)

@@ -84,7 +84,7 @@ TARGETS = {
                        "-DTF_LITE_MCU_DEBUG_LOG", "-DTF_LITE_USE_GLOBAL_CMATH_FUNCTIONS", "-DTF_LITE_USE_GLOBAL_MIN",
                        "-DTF_LITE_USE_GLOBAL_MAX", "-funsigned-char", "-fno-delete-null-pointer-checks"),
         link_flags=("-march=rv32imac", "-mabi=ilp32", "-mcmodel=medany", "--specs=picolibc.specs",
-                    "--oslib=semihost", "-mno-relax"),
+                    "--oslib=semihost", "--crt0=semihost", "-mno-relax"),
         tflm_make_options="TARGET=riscv32_generic TARGET_TOOLCHAIN_PREFIX=riscv64-unknown-elf-",
         kernels="TFLM reference", qemu="qemu-system-riscv32",
         qemu_args=("-M", "virt", "-bios", "none", "-nographic", "-semihosting", "-monitor", "none", "-serial",

@@ -43,6 +43,9 @@ class Platform:
   fit_quality: Mapping[str, Any]
   calibration: Mapping[str, Any]
   path: str = ""  # the profile file this was read from
+  # The emulated core (edgenas.device.targets) whose instruction set and kernels this platform runs; None for
+  # the host. Its per-operator counts are what the platform's lookup table is built from.
+  target: str | None = None
 
   @property
   def lut_path(self) -> str:
@@ -61,6 +64,8 @@ class Platform:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop("path")
+    if d["target"] is None:
+      d.pop("target")
     d["sources"] = dict(self.sources)
     return {"version": PLATFORM_VERSION, **d}
 
@@ -143,7 +148,17 @@ def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platfo
       flash_bytes=need("flash_bytes", int), static_mw=need("static_mw", float),
       active_mw=need("active_mw", float), runtime=need("runtime", str), lut=need("lut", str),
       sources=dict(sources), regressor=regressor, fit_quality=d.get("fit_quality", {}) or {},
-      calibration=d.get("calibration", {}) or {}, path=path)
+      calibration=d.get("calibration", {}) or {}, path=path, target=_target_field(d, path))
+
+
+def _target_field(d: Mapping[str, Any], path: str) -> str | None:
+  target = d.get("target")
+  if target is None:
+    return None
+  from edgenas.device import targets as targets_lib  # stdlib only: no toolchain is needed to read a profile
+  if target not in targets_lib.TARGETS:
+    raise EnergyModelError(f"{path}: field 'target' is {target!r}; expected one of {', '.join(targets_lib.TARGETS)}")
+  return target
 
 
 def save_platform(platform: Platform, path: str | None = None) -> None:

@@ -63,6 +63,49 @@ def default_grid(seed: int = 0) -> list[ops_lib.OpSpec]:
   return grid
 
 
+def emulated_grid(seed: int = 0) -> list[ops_lib.OpSpec]:
+  """`default_grid` plus the wide layers of MobileNet-sized networks (up to 1280 output channels), for tables
+  counted on an emulated target, where a row costs instructions, not minutes of host timing."""
+  rng = random.Random(seed + 1)
+  wide = [(h, ci, co) for h in (1, 2, 4, 8) for ci in (192, 320, 576, 960) for co in (256, 384, 576, 1280)]
+  wide = [w for w in wide if w[0] * w[0] * w[1] * w[2] <= 8e6]
+  grid = default_grid(seed)
+  grid += [ops_lib.OpSpec(ops_lib.CONV_2D, h, h, ci, co, 1, 1) for h, ci, co in rng.sample(wide, 16)]
+  grid += [ops_lib.OpSpec(ops_lib.CONV_2D, h, h, ci, co, 3, s) for h, ci, co, s in
+           ((8, 64, 128, 1), (8, 96, 256, 2), (4, 128, 256, 1), (16, 32, 128, 2))]
+  grid += [ops_lib.OpSpec(ops_lib.DEPTHWISE_CONV_2D, h, h, c, c, k, 1) for h, c, k in
+           ((4, 576, 3), (2, 960, 3), (4, 960, 5), (8, 576, 7))]
+  grid += [ops_lib.OpSpec(ops_lib.FULLY_CONNECTED, 1, 1, ci, co) for ci, co in ((1280, 10), (1280, 100), (576, 12))]
+  return grid
+
+
+def profile_emulated(grid: Sequence[ops_lib.OpSpec], targets: Sequence[str], build_dir: str,
+                     log=print) -> dict[str, list]:
+  """{target: count rows}: every configuration of `grid` counted on each emulated core (edgenas.device.profile):
+  per row, the instructions its kernel executed, its data accesses by memory region and the arena TFLM used.
+  The models are converted once for all targets."""
+  from edgenas.device import profile as device_profile
+  from edgenas.device import targets as targets_lib
+  from edgenas.energy import counts as counts_lib
+
+  defs = [targets_lib.get_target(t) for t in targets]
+  for d in defs:
+    targets_lib.check_toolchain(d)  # before minutes of conversion
+  models = []
+  for i, spec in enumerate(grid):
+    models.append(single_op_model(spec))
+    if (i + 1) % 40 == 0 or i + 1 == len(grid):
+      log(f"converted {i + 1}/{len(grid)} single-operator models")
+  out = {}
+  for d in defs:
+    results = device_profile.count_models(models, d, build_dir, log=log)
+    source = f"emulated: {d.description}; QEMU counts of the kernel's Invoke (edgenas.device.profile)"
+    out[d.name] = [counts_lib.CountRow(spec.op, spec.in_h, spec.in_w, spec.in_c, spec.out_c, spec.kernel,
+                                       spec.stride, lut_lib.groups_of(spec.op, spec.in_c), source=source, **r)
+                   for spec, r in zip(grid, results)]
+  return out
+
+
 def single_op_model(spec: ops_lib.OpSpec, calibration_samples: int = 8, seed: int = 0) -> bytes:
   """A full-integer int8 .tflite that runs exactly `spec` (int8 input and output, no QUANTIZE ops)."""
   import tensorflow as tf  # lazily: only profiling needs TensorFlow

@@ -187,7 +187,8 @@ void StdioLog(const char* s) { std::fputs(s, stdout); }
 #define EDGENAS_REGISTER_LOG()
 #endif
 
-extern "C" __attribute__((noinline, used)) void edgenas_marker(void) { __asm__ volatile("" ::: "memory"); }
+// noipa: at -O2 GCC could otherwise merge it with another empty function.
+extern "C" __attribute__((noinline, noipa, used)) void edgenas_marker(void) { __asm__ volatile("" ::: "memory"); }
 
 namespace {
 alignas(16) uint8_t g_arena[kEdgenasArenaBytes];
