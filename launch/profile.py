@@ -99,7 +99,10 @@ def _main():
     platform_lib.save_platform(fitted)
     print(json.dumps(fitted.fit_quality, indent=2))
   elif FLAGS.backend == "calibrate":
-    calibrated, rows = calibration.calibrate(platform, platform_lib.load_platform("host"))
+    if platform.target and platform.cycle_model:
+      calibrated, rows = calibration.calibrate_emulated(platform, FLAGS.build_dir)
+    else:
+      calibrated, rows = calibration.calibrate(platform, platform_lib.load_platform("host"))
     lut_lib.save_lut(rows, calibrated.lut_path)
     fitted = regressor.fit_platform(calibrated)
     platform_lib.save_platform(fitted)

@@ -13,3 +13,17 @@ def pytest_configure(config):
   import jax
   jax.config.update("jax_compilation_cache_dir", os.environ["EDGENAS_JAX_CACHE"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def require_device(target_name: str) -> None:
+  """Skips (outside CI only) a test that needs a target's cross toolchain, QEMU and the TFLM sources; in CI
+  (.ci/run installs them) a missing one fails the test with the error that names its Debian package."""
+  import pytest
+  from edgenas.device import errors, targets, tflm
+  try:
+    targets.check_toolchain(targets.get_target(target_name))
+    tflm.resolve_tflm_dir(log=lambda line: None)
+  except errors.ToolchainMissingError as e:
+    if os.environ.get("CI"):
+      raise
+    pytest.skip(str(e))

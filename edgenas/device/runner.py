@@ -264,9 +264,10 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
   matching, first = compare_outputs(out.outputs, expected_int8)
   operators = [dict(index=i, op=name, instructions=int(round(float(per_op[:, i].mean()))))
                for i, name in enumerate(out.op_names)]
+  accesses = None
   if mem and counts.marks and counts.marks[0].mem is not None:
-    mem_ops = _memory_per_op([(m.mem.flash_reads, m.mem.ram_reads, m.mem.ram_writes) for m in counts.marks],
-                             images, len(out.op_names))
+    triples = [(m.mem.flash_reads, m.mem.ram_reads, m.mem.ram_writes) for m in counts.marks]
+    mem_ops, accesses = _memory_counts(triples, images, len(out.op_names))
     for entry, m in zip(operators, mem_ops):
       entry.update(m)
   log(f"device: {target.name}: {matching}/{images} images match the host byte for byte; "
@@ -278,7 +279,7 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
       first_mismatch=first, exit_status=status,
       instructions_per_inference=int(round(float(np.mean(inference)))),
       instructions_per_inference_min=int(inference.min()), instructions_per_inference_max=int(inference.max()),
-      operators=operators, arena_used_bytes=out.arena_used_bytes, arena_allocated_bytes=int(arena_bytes),
+      data_accesses_per_inference=accesses, operators=operators, arena_used_bytes=out.arena_used_bytes, arena_allocated_bytes=int(arena_bytes),
       elf=dict(sizes, path=os.path.relpath(elf, build_dir), flash_bytes=sizes["text"] + sizes["data"],
                test_data_bytes=facts["harness_bytes"],
                deployed_flash_bytes=sizes["text"] + sizes["data"] - facts["harness_bytes"]),
@@ -288,9 +289,14 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
       seconds=dict(library=round(library.seconds, 1), build=round(t_build - t0, 1), run=round(t_run - t_build, 2)))
 
 
-def _memory_per_op(mem_marks: Sequence[Sequence[int]], images: int, num_ops: int) -> list[dict]:
-  """Per operator, mean data accesses by region over the images: flash reads, RAM reads, RAM writes."""
+def _memory_counts(mem_marks: Sequence[Sequence[int]], images: int, num_ops: int) -> tuple[list[dict], dict]:
+  """(per operator, per inference) mean data accesses by region over the images: flash reads, RAM reads, RAM
+  writes."""
   per_image = 2 + 2 * num_ops
   m = np.asarray(mem_marks, np.int64).reshape(images, per_image, -1)
   d = (m[:, 2:-1:2] - m[:, 1:-1:2]).mean(axis=0)
-  return [dict(flash_reads=int(round(r[0])), ram_reads=int(round(r[1])), ram_writes=int(round(r[2]))) for r in d]
+  total = (m[:, -1] - m[:, 0]).mean(axis=0)
+
+  def as_dict(r):
+    return dict(flash_reads=int(round(r[0])), ram_reads=int(round(r[1])), ram_writes=int(round(r[2])))
+  return [as_dict(r) for r in d], as_dict(total)

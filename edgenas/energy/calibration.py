@@ -140,3 +140,112 @@ def calibrated_rows(host: platform_lib.Platform, platform: platform_lib.Platform
     rows.append(dataclasses.replace(r, latency_ms_mean=latency, latency_ms_std=r.latency_ms_std * factor,
                                     energy_uj=latency * active_mw, source=source))
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Platforms with an emulated target: the table comes from the target's own instruction and access counts.
+
+
+def whole_model_counts(model_path: str, target: str, build_dir: str, log=print) -> dict:
+  """{instructions, flash_reads, ...} per inference of a measured model on `target` (two seeded inputs; the
+  counts of int8 kernels barely depend on the data, and the runner checks them against the host)."""
+  import tempfile
+  from edgenas.device import runner as device_runner
+  with open(model_path, "rb") as f:
+    flatbuffer = f.read()
+  from edgenas.export import verify
+  shape = tuple(int(d) for d in verify.TflmRunner(flatbuffer).input["shape"][1:])
+  inputs = np.random.default_rng(0).integers(-128, 128, size=(2,) + shape, dtype=np.int8)
+  result = device_runner.run_on_target(flatbuffer, target, inputs, build_dir or tempfile.mkdtemp(),
+                                       model_name=os.path.basename(model_path), mem=True, log=log)
+  if not result["matches_host"]:
+    raise EnergyModelError(f"{model_path} on {target}: the device outputs differ from the host's; the counts "
+                           "of a miscompiled program cannot calibrate anything")
+  acc = result["data_accesses_per_inference"]
+  return dict(target=target, instructions=result["instructions_per_inference"], flash_reads=acc["flash_reads"],
+              ram_reads=acc["ram_reads"], ram_writes=acc["ram_writes"],
+              tflm_commit=result["toolchain"]["tflm_commit"], compiler=result["toolchain"]["compiler"])
+
+
+def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = None,
+                       log=print) -> tuple[platform_lib.Platform, list[lut_lib.LutRow]]:
+  """The platform with its CPI fitted to its measurements, and its LUT rows priced from the counts table of its
+  target (`edgenas.energy.counts`) with its cycle model (`edgenas.energy.cycles`).
+
+  The calibration report holds, per measured model: its emulated counts, the cycles measured and predicted, and
+  the leave-one-out errors of latency and energy (each model predicted from the CPI and the power fitted on the
+  other models)."""
+  from edgenas.energy import counts as counts_lib
+  from edgenas.energy import cycles as cycles_lib
+
+  where = f"{platform.path}: field"
+  if not platform.target:
+    raise EnergyModelError(f"{where} 'target' is missing; an emulated calibration needs the platform's core")
+  cal = dict(platform.calibration)
+  measurements = cal.get("measurements")
+  if not measurements:
+    raise EnergyModelError(f"{where} 'calibration.measurements' is empty; a calibrated platform needs measured "
+                           "models")
+  model = cycles_lib.from_profile(platform.cycle_model, platform.path)
+  clock_khz = platform.clock_mhz * 1e3
+  emulated = [whole_model_counts(reference_model_path(m["model"]), platform.target, build_dir, log)
+              for m in measurements]
+  instr = [e["instructions"] for e in emulated]
+  flash = [e["flash_reads"] for e in emulated]
+  measured_cycles = [float(m["latency_ms"]) * clock_khz for m in measurements]
+  cpi = cycles_lib.fit_cpi(model, instr, flash, measured_cycles)
+  model = dataclasses.replace(model, cpi=cpi)
+
+  energies = [m.get("energy_uj") for m in measurements]
+  measured_power = all(e is not None for e in energies)
+  powers = [float(e) / float(m["latency_ms"]) for e, m in zip(energies, measurements)] if measured_power else []
+  active_mw = float(np.mean(powers)) if measured_power else platform.active_mw
+  loo_latency = cycles_lib.leave_one_out(model, instr, flash, measured_cycles) if len(measurements) > 1 else []
+  reproduction = []
+  for k, (m, e) in enumerate(zip(measurements, emulated)):
+    predicted = float(model.cycles(e["instructions"], e["flash_reads"]))
+    entry = dict(benchmark=m["benchmark"], model=m["model"], emulated=e, measured_cycles=measured_cycles[k],
+                 predicted_cycles=round(predicted), measured_latency_ms=float(m["latency_ms"]),
+                 predicted_latency_ms=round(predicted / clock_khz, 4),
+                 latency_error_pct=round(100 * (predicted / measured_cycles[k] - 1), 2),
+                 memory_cycles_share=round(float(model.memory_cycles(e["flash_reads"])) / predicted, 4))
+    if loo_latency:
+      entry["leave_one_out_latency_error_pct"] = round(loo_latency[k], 2)
+      if measured_power:
+        others = [p for j, p in enumerate(powers) if j != k]
+        loo_energy = (1 + loo_latency[k] / 100) * float(m["latency_ms"]) * float(np.mean(others))
+        entry["leave_one_out_energy_error_pct"] = round(100 * (loo_energy / float(m["energy_uj"]) - 1), 2)
+    reproduction.append(entry)
+  cal.update(method="emulated counts x cycle model", cpi=round(cpi, 6), target=platform.target,
+             reproduction=reproduction)
+  for stale in ("scale_compute", "scale_overhead", "host_profile", "leave_one_out_single_scale"):
+    cal.pop(stale, None)
+  power_source = (f"measured: mean of energy / latency over the MLPerf Tiny rows "
+                  f"({', '.join(m['benchmark'] for m in measurements)}), {active_mw:.2f} mW" if measured_power
+                  else platform.sources["active_mw"])
+  cycle_model = dict(platform.cycle_model, cpi=round(cpi, 6))
+  cycle_model["sources"] = dict(cycle_model.get("sources", {}), cpi=(
+      f"fitted: least squares on the relative error of the MLPerf Tiny latencies "
+      f"({', '.join(m['benchmark'] for m in measurements)}) against the {platform.target} counts"))
+  sources = dict(platform.sources, active_mw=power_source, lut=(
+      f"emulated: counts_{platform.target}.csv priced with this profile's cycle_model (cpi fitted to the "
+      "calibration measurements)"))
+  calibrated = dataclasses.replace(platform, active_mw=round(active_mw, 4), sources=sources, calibration=cal,
+                                   cycle_model=cycle_model)
+  rows = emulated_rows(counts_lib.load_counts(counts_lib.counts_path(platform.target)), calibrated, model,
+                       active_mw)
+  return calibrated, rows
+
+
+def emulated_rows(count_rows, platform: platform_lib.Platform, model, active_mw: float) -> list[lut_lib.LutRow]:
+  """LUT rows: each counted configuration at cycles = cpi · instructions + flash read cycles · flash reads."""
+  clock_khz = platform.clock_mhz * 1e3
+  source = (f"emulated on {platform.target}: cycles = {model.cpi:.4g} x instructions + "
+            f"{model.flash_read_cycles:.4g} x flash reads at {platform.clock_mhz:g} MHz; energy = latency x "
+            f"{active_mw:.4g} mW")
+  rows = []
+  for r in count_rows:
+    latency = float(model.cycles(r.instructions, r.flash_reads)) / clock_khz
+    rows.append(lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups, latency, 0.0,
+                               1, latency * active_mw, source))
+  return rows

@@ -46,6 +46,8 @@ class Platform:
   # The emulated core (edgenas.device.targets) whose instruction set and kernels this platform runs; None for
   # the host. Its per-operator counts are what the platform's lookup table is built from.
   target: str | None = None
+  # edgenas.energy.cycles: {flash_wait_states, flash_miss_fraction, cpi, sources}; empty for the host
+  cycle_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def lut_path(self) -> str:
@@ -64,8 +66,9 @@ class Platform:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop("path")
-    if d["target"] is None:
-      d.pop("target")
+    for optional in ("target", "cycle_model"):
+      if not d[optional]:
+        d.pop(optional)
     d["sources"] = dict(self.sources)
     return {"version": PLATFORM_VERSION, **d}
 
@@ -148,7 +151,16 @@ def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platfo
       flash_bytes=need("flash_bytes", int), static_mw=need("static_mw", float),
       active_mw=need("active_mw", float), runtime=need("runtime", str), lut=need("lut", str),
       sources=dict(sources), regressor=regressor, fit_quality=d.get("fit_quality", {}) or {},
-      calibration=d.get("calibration", {}) or {}, path=path, target=_target_field(d, path))
+      calibration=d.get("calibration", {}) or {}, path=path, target=_target_field(d, path),
+      cycle_model=_cycle_model_field(d, path))
+
+
+def _cycle_model_field(d: Mapping[str, Any], path: str) -> dict:
+  section = d.get("cycle_model") or {}
+  if section:
+    from edgenas.energy import cycles
+    cycles.from_profile(section, path)  # validates, naming the field
+  return dict(section)
 
 
 def _target_field(d: Mapping[str, Any], path: str) -> str | None:
