@@ -70,8 +70,20 @@ def _price(platform: platform_lib.Platform, specs: Sequence[ops_lib.OpSpec], fea
   return out
 
 
+def _instructions(platform: platform_lib.Platform, specs, feats) -> np.ndarray | None:
+  """Predicted instructions per operator on the platform's emulated target (None for the host)."""
+  coefs = platform.regressor.get("instructions")
+  if not coefs or any(s.op not in coefs for s in specs):
+    return None
+  op_index = jnp.asarray([ops_lib.OP_TYPES.index(s.op) for s in specs])
+  matrix = regressor_lib.coefficient_matrix(platform.coefficients("instructions"))
+  return np.asarray(regressor_lib.predict(matrix, op_index, jnp.asarray(feats, jnp.float32)), np.float64)
+
+
 def _report(platform, model_name, specs, feats, nominal_macs, memory, rate_hz, battery_mwh) -> dict:
   latency, energy = _price(platform, specs, feats)
+  instructions = _instructions(platform, specs, feats)
+  clock_khz = platform.clock_mhz * 1e3
   operators, flags = [], []
   for i, (s, f) in enumerate(zip(specs, feats)):
     op_flags = range_flags(platform, s, f)
@@ -79,11 +91,15 @@ def _report(platform, model_name, specs, feats, nominal_macs, memory, rate_hz, b
     operators.append(dict(index=i, layer=s.layer, op=s.op, input_hwc=[s.in_h, s.in_w, s.in_c], out_c=s.out_c,
                           kernel=s.kernel, stride=s.stride, macs=int(nominal_macs[i]),
                           executed_macs=float(f[0]), latency_ms=float(latency[i]), energy_uj=float(energy[i]),
+                          cycles=float(latency[i] * clock_khz),
+                          instructions=None if instructions is None else float(instructions[i]),
                           out_of_range=op_flags))
   total_latency, total_energy = float(latency.sum()), float(energy.sum())
   report = dict(
       version=REPORT_VERSION, platform=platform.name, model=model_name, latency_ms=total_latency,
-      energy_uj=total_energy, macs=int(sum(nominal_macs)), peak_sram_bytes=int(memory["peak_sram_bytes"]),
+      energy_uj=total_energy, cycles=total_latency * clock_khz,
+      instructions=None if instructions is None else float(instructions.sum()),
+      target=platform.target, macs=int(sum(nominal_macs)), peak_sram_bytes=int(memory["peak_sram_bytes"]),
       flash_bytes=int(memory["flash_bytes"]), weight_bytes=int(memory["weight_bytes"]),
       graph_overhead_bytes=int(memory["graph_overhead_bytes"]), sram_budget_bytes=platform.sram_bytes,
       flash_budget_bytes=platform.flash_bytes, fits_sram=memory["peak_sram_bytes"] <= platform.sram_bytes,

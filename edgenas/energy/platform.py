@@ -20,6 +20,8 @@ PLATFORM_VERSION = 1
 PLATFORMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platforms")
 DEFAULT_PLATFORM = "stm32l4r5_tflm"
 QUANTITIES = ("latency_ms", "energy_uj")
+# Fitted only for platforms built on an emulated target: instructions per operator, from its counts table.
+OPTIONAL_QUANTITIES = ("instructions",)
 # Figures that must each name their source.
 SOURCED_FIELDS = ("clock_mhz", "sram_bytes", "flash_bytes", "static_mw", "active_mw", "lut")
 
@@ -55,7 +57,7 @@ class Platform:
 
   def coefficients(self, quantity: str) -> dict[str, tuple[float, ...]]:
     """Fitted per-op-type coefficients for `quantity`; raises when the profile has none."""
-    if quantity not in QUANTITIES:
+    if quantity not in QUANTITIES + OPTIONAL_QUANTITIES:
       raise EnergyModelError(f"unknown quantity {quantity!r}; expected one of {', '.join(QUANTITIES)}")
     coefs = self.regressor.get(quantity)
     if not coefs:
@@ -131,9 +133,9 @@ def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platfo
                            f"needs its provenance")
   regressor = d.get("regressor", {}) or {}
   for quantity, coefs in regressor.items():
-    if quantity not in QUANTITIES:
+    if quantity not in QUANTITIES + OPTIONAL_QUANTITIES:
       raise EnergyModelError(f"{path}: field 'regressor.{quantity}' is not a quantity; expected "
-                             f"{', '.join(QUANTITIES)}")
+                             f"{', '.join(QUANTITIES + OPTIONAL_QUANTITIES)}")
     for op, v in coefs.items():
       where = f"{path}: field 'regressor.{quantity}.{op}'"
       if op not in ops_lib.OP_TYPES:

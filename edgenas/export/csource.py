@@ -377,8 +377,10 @@ $(BUILD)/app/%%.o: %%.cc model_data.h model_ops.h | $(TREE)/.done
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(INCLUDES) -c $< -o $@
 
-$(ELF): $(BUILD)/app/main.o $(BUILD)/app/model_data.o $(LIB)
-	$(CXX) $(CXXFLAGS) $(BUILD)/app/main.o $(BUILD)/app/model_data.o $(LIB) $(LDFLAGS) -lm -o $@
+APP_OBJS := $(BUILD)/app/main.o $(BUILD)/app/model_data.o $(addprefix $(BUILD)/app/,$(EXTRA_APP_OBJS))
+LINK ?= $(CXX)
+$(ELF): $(APP_OBJS) $(LIB)
+	$(LINK) $(LINK_FLAGS) $(APP_OBJS) $(LIB) $(LDFLAGS) -lm -o $@
 
 size: $(ELF)
 	$(SIZE) $(ELF)
@@ -406,6 +408,7 @@ TFLM_MAKE_OPTIONS := TARGET=cortex_m_generic TARGET_ARCH=$(CPU) OPTIMIZED_KERNEL
 # CMSIS-Core, which the tree generator does not copy: they are taken from TFLM's downloads.
 ARM_CPU := ARMCM$(patsubst cortex-m%%,%%,$(firstword $(subst +, ,$(CPU))))
 CMSIS_DOWNLOAD := $(TFLM_DIR)/tensorflow/lite/micro/tools/make/downloads/cmsis
+LINK_FLAGS = $(CXXFLAGS)
 COMMON_FLAGS := -mcpu=$(GCC_CPU) -mthumb -mfloat-abi=$(FLOAT_ABI) -mlittle-endian -DCMSIS_NN -D$(ARM_CPU) \
   -DCMSIS_DEVICE_ARM_CORTEX_M_XX_HEADER_FILE='"$(ARM_CPU).h"'
 EXTRA_INCLUDES = -I$(CMSIS_DOWNLOAD)/CMSIS/Core/Include -I$(CMSIS_DOWNLOAD)/Cortex_DFP/Device/$(ARM_CPU)/Include \
@@ -427,20 +430,37 @@ ABI ?= ilp32
 TOOLCHAIN_ROOT ?= $(dir $(shell which $(PREFIX)gcc))
 TFLM_MAKE_OPTIONS := TARGET=riscv32_generic TARGET_TOOLCHAIN_ROOT=$(TOOLCHAIN_ROOT) \
   TARGET_TOOLCHAIN_PREFIX=$(PREFIX)
-COMMON_FLAGS := -march=$(ARCH) -mabi=$(ABI) -mcmodel=medany -DTF_LITE_USE_GLOBAL_CMATH_FUNCTIONS \
+# GCC 12 assembles main.cc's `csrr mcycle` only with _zicsr in -march, but then finds no picolibc multilib: the
+# compile gets the extension, the link does not.
+COMMON_FLAGS := -march=$(ARCH)_zicsr -mabi=$(ABI) -mcmodel=medany -DTF_LITE_USE_GLOBAL_CMATH_FUNCTIONS \
   -DTF_LITE_USE_GLOBAL_MIN -DTF_LITE_USE_GLOBAL_MAX --specs=picolibc.specs
-LDFLAGS ?= --oslib=semihost -Wl,--defsym=__flash=0x80000000 -Wl,--defsym=__flash_size=0x400000 \
+# TFLM needs the C++ headers only; Debian ships them for Arm (the same GCC 12.2), and no RISC-V libstdc++.
+CXX_HEADERS ?= /usr/include/newlib/c++/12.2.1
+EXTRA_INCLUDES = -I$(TREE)/third_party -I$(TREE)/third_party/eyalroz_printf/src -isystem $(CXX_HEADERS) \
+  -isystem $(CXX_HEADERS)/arm-none-eabi
+# The C driver links no libstdc++; cxx_runtime.cc supplies the two symbols TFLM's destructors reference.
+LINK := $(CC)
+LINK_FLAGS := -march=$(ARCH) -mabi=$(ABI) -mcmodel=medany --specs=picolibc.specs
+EXTRA_APP_OBJS := cxx_runtime.o
+LDFLAGS ?= --oslib=semihost --crt0=semihost -Wl,--defsym=__flash=0x80000000 -Wl,--defsym=__flash_size=0x400000 \
   -Wl,--defsym=__ram=0x80400000 -Wl,--defsym=__ram_size=0x400000 -Wl,--gc-sections -mno-relax
 """ + _MAKEFILE_COMMON
 
 
+def _support_file(name: str) -> str:
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "device", "support", name)
+  with open(path) as f:
+    return f.read()
+
+
 def build_sources(resolver_methods: Sequence[str], model_name: str, cpu: str = "cortex-m7+fp",
                   riscv_arch: str = "rv32imc") -> dict[str, str]:
-  """{'model_ops.h', 'main.cc', 'Makefile.cortex_m', 'Makefile.riscv32'}."""
+  """{'model_ops.h', 'main.cc', 'cxx_runtime.cc', 'Makefile.cortex_m', 'Makefile.riscv32'}."""
   safe_name = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in model_name) or "edgenas_model"
   return {
       "model_ops.h": model_ops_header(resolver_methods, model_name),
       "main.cc": MAIN_CC,
+      "cxx_runtime.cc": _support_file("riscv_cxx.cc"),
       "Makefile.cortex_m": MAKEFILE_CORTEX_M % dict(cpu=cpu, model_name=safe_name),
       "Makefile.riscv32": MAKEFILE_RISCV32 % dict(arch=riscv_arch, model_name=safe_name),
   }

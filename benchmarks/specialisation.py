@@ -1,0 +1,67 @@
+"""Does the platform change the answer? The same search space searched for three platforms at the same λ, and
+every derived network priced on every platform (a specialisation matrix, as in ProxylessNAS and FBNet).
+
+  python -m benchmarks.specialisation [--lam=0.3] [--epochs=30]
+
+Each platform's lookup table comes from its own target's emulated counts (edgenas.energy.counts) and its cycle
+model; the search is the digits default config with `cost.platform` set. Writes
+benchmarks/results/specialisation.json: matrix[searched_for][priced_on] = {energy_uj, latency_ms}, and per
+platform whether its own network is the cheapest of the three on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from edgenas import rundir
+from edgenas import search as search_lib
+from edgenas import space as space_lib
+from edgenas.energy import estimate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results", "specialisation.json")
+PLATFORMS = ("stm32l4r5_tflm", "stm32h7a3_xcubeai", "andes_d45_tflm")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--lam", type=float, default=None, help="λ of the additive penalty (default: the config's)")
+  parser.add_argument("--epochs", type=int, default=None)
+  parser.add_argument("--workdir", default=None)
+  args = parser.parse_args()
+  from launch import common
+  from experiments import digits
+  common.enable_compilation_cache()
+  workdir = args.workdir or tempfile.mkdtemp(prefix="edgenas-specialisation-")
+  t0 = time.time()
+  archs, searches = {}, {}
+  for p in PLATFORMS:
+    config = digits.get_config()
+    config.cost.platform = p
+    if args.lam is not None:
+      config.cost.lam = args.lam
+    if args.epochs is not None:
+      config.search.epochs = args.epochs
+    t = time.time()
+    result = search_lib.run_search(config, os.path.join(workdir, p))
+    archs[p] = space_lib.Architecture.load(os.path.join(workdir, p, search_lib.ARCH_FILE))
+    searches[p] = dict(arch_hash=result["arch_hash"], layers=result["arch"]["layers"],
+                       val_acc_supernet=result["val_acc_supernet"], seconds=round(time.time() - t, 1))
+  matrix = {s: {p: {k: estimate.estimate_architecture(archs[s], p)[k] for k in ("energy_uj", "latency_ms")}
+                for p in PLATFORMS} for s in PLATFORMS}
+  own_cheapest = {p: min(PLATFORMS, key=lambda s: matrix[s][p]["energy_uj"]) == p for p in PLATFORMS}
+  relative = {p: {s: round(matrix[s][p]["energy_uj"] / matrix[p][p]["energy_uj"], 4) for s in PLATFORMS}
+              for p in PLATFORMS}
+  out = dict(lam=config.cost.lam, epochs=config.search.epochs, relaxation=config.search.relaxation,
+             searches=searches, matrix=matrix, energy_relative_to_own=relative, own_is_cheapest=own_cheapest,
+             distinct_architectures=len({a.hash() for a in archs.values()}), seconds=round(time.time() - t0, 1),
+             machine="2-core x86-64, other work running (wall times are upper bounds)")
+  rundir.atomic_write_json(RESULTS, out)
+  print(json.dumps(dict(own_is_cheapest=own_cheapest, relative=relative, searches=searches), indent=1))
+
+
+if __name__ == "__main__":
+  main()
