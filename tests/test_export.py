@@ -301,3 +301,32 @@ def test_arena_grows_past_the_recorded_figure_when_prepare_needs_temporary_memor
     verify.TflmRunner(flatbuffer, arena["arena_bytes"] - verify.ARENA_ALIGNMENT)
   runner = verify.TflmRunner(flatbuffer, arena["arena_bytes"])
   assert runner.run_int8(np.zeros((2,) + tuple(int(d) for d in runner.input["shape"][1:]), np.int8)).shape == (2, 10)
+
+
+def test_export_runs_byte_exact_on_the_emulated_core(exported, dataset, tmp_path):
+  out, _ = exported
+  copy = str(tmp_path / "export")
+  shutil.copytree(out, copy)
+  require_device("cortex-m4")
+  report = exporter.run_targets(copy, ["cortex-m4"], dataset, images=16)
+  t = report["targets"]["cortex-m4"]
+  assert t["matches_host"] and t["images_checked"] == 16 and t["first_mismatch"] is None
+  assert [o["op"] for o in t["operators"]] == [o["op"] for o in report["ops"]]
+  assert t["instructions_per_inference"] > 0 and t["arena_used_bytes"] > 0
+  assert t["elf"]["deployed_flash_bytes"] > report["tflite_bytes"]
+  assert json.load(open(os.path.join(copy, "report.json")))["targets"]["cortex-m4"] == t
+  assert os.path.exists(os.path.join(copy, "build", "cortex-m4", "console.txt"))
+  again = exporter.run_targets(copy, ["cortex-m4"], dataset)  # already run: nothing is redone
+  assert again["targets"]["cortex-m4"] == t
+
+
+def test_a_target_that_cannot_run_leaves_the_export_as_it_was(exported, dataset, tmp_path, monkeypatch):
+  out, _ = exported
+  copy = str(tmp_path / "export")
+  shutil.copytree(out, copy)
+  before = open(os.path.join(copy, "report.json")).read()
+  monkeypatch.setenv("PATH", str(tmp_path))  # no cross compiler, no QEMU
+  from edgenas.device import errors as device_errors
+  with pytest.raises(device_errors.ToolchainMissingError, match="apt-get install"):
+    exporter.run_targets(copy, ["rv32imac"], dataset)
+  assert open(os.path.join(copy, "report.json")).read() == before

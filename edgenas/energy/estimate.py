@@ -159,5 +159,10 @@ def estimate_tflite(path: str, platform, rate_hz: float | None = None, battery_m
   graph = tflite_graph.read_tflite(path)
   feats = np.array([o.features() for o in graph.ops], np.float64)
   memory = memory_lib.tflite_memory(graph)
-  return _report(platform, path, graph.op_specs(), feats, [o.macs for o in graph.ops], memory, rate_hz,
-                 battery_mwh)
+  report = _report(platform, path, graph.op_specs(), feats, [o.macs for o in graph.ops], memory, rate_hz,
+                   battery_mwh)
+  if platform.target:
+    from edgenas.device import memory as device_memory  # the device truth: arena and whole-program flash
+    with open(path, "rb") as f:
+      report["device_memory"] = device_memory.predict(f.read(), platform.target)
+  return report
