@@ -57,9 +57,11 @@ def test_vmapped_prediction_matches_the_op_cost_function():
   platform = platform_lib.load_platform("stm32l4r5_tflm")
   specs = [ops_lib.OpSpec(ops_lib.CONV_2D, 16, 16, 8, 24, 3, 1), ops_lib.OpSpec(ops_lib.DEPTHWISE_CONV_2D, 8, 8, 48,
                                                                                     48, 5, 2),
+           ops_lib.OpSpec(ops_lib.CONV_2D, 8, 8, 16, 32, 1, 1), ops_lib.OpSpec(ops_lib.DEPTHWISE_CONV_2D, 8, 8, 32,
+                                                                                32, 3, 1),
            ops_lib.OpSpec(ops_lib.ADD, 8, 8, 16, 16), ops_lib.OpSpec(ops_lib.FULLY_CONNECTED, 1, 1, 64, 10)]
   matrix = regressor.coefficient_matrix(platform.coefficients("energy_uj"))
-  idx = jnp.array([ops_lib.OP_TYPES.index(s.op) for s in specs])
+  idx = jnp.array([regressor.regime_index(s.op, s.kernel) for s in specs])
   feats = jnp.array([features_lib.cost_features(s.op, s.in_h, s.in_w, s.in_c, s.out_c, s.kernel, s.stride)
                      for s in specs], jnp.float32)
   batched = jax.jit(jax.vmap(regressor.predict, in_axes=(None, 0, 0)))(matrix, idx, feats)

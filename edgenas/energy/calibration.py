@@ -47,16 +47,17 @@ def reference_model_path(file_name: str) -> str:
   raise EnergyModelError(f"reference model {file_name!r} not found in {', '.join(REFERENCE_MODEL_DIRS)}")
 
 
-def split_cost(coefs: Mapping[str, Sequence[float]], op: str, feats: Sequence[float]) -> tuple[float, float]:
+def split_cost(coefs: Mapping[str, Sequence[float]], op: str, kernel: int,
+               feats: Sequence[float]) -> tuple[float, float]:
   """(compute, overhead) parts of an operator's cost under per-op coefficients (`features.FEATURES` order:
   MACs, weight bytes and window taps are compute; activation bytes and the per-call constant are overhead)."""
-  theta = coefs[op]
+  theta = regressor_lib.lookup(coefs, op, kernel)
   return (theta[0] * feats[0] + theta[1] * feats[1] + theta[4] * feats[4], theta[2] * feats[2] + theta[3] * feats[3])
 
 
 def model_split(coefs, graph: tflite_graph.TfliteGraph) -> np.ndarray:
   """Summed (compute, overhead) host cost of a whole model."""
-  return np.sum([split_cost(coefs, o.spec.op, o.features()) for o in graph.ops], axis=0)
+  return np.sum([split_cost(coefs, o.spec.op, o.spec.kernel, o.features()) for o in graph.ops], axis=0)
 
 
 def fit_scales(splits: np.ndarray, measured: np.ndarray, single: bool) -> np.ndarray:
@@ -133,7 +134,7 @@ def calibrated_rows(host: platform_lib.Platform, platform: platform_lib.Platform
             f"MLPerf Tiny measurements of {platform.name}; energy = latency x {active_mw:.4g} mW")
   rows = []
   for r in lut_lib.load_lut(host.lut_path):
-    c, o = split_cost(coefs, r.op, features_lib.cost_features(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel,
+    c, o = split_cost(coefs, r.op, r.kernel, features_lib.cost_features(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel,
                                                               r.stride))
     factor = (scales[0] * c + scales[1] * o) / (c + o) if c + o > 0 else scales[1]
     latency = r.latency_ms_mean * factor
@@ -216,6 +217,25 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
         loo_energy = (1 + loo_latency[k] / 100) * float(m["latency_ms"]) * float(np.mean(others))
         entry["leave_one_out_energy_error_pct"] = round(100 * (loo_energy / float(m["energy_uj"]) - 1), 2)
     reproduction.append(entry)
+  count_rows = counts_lib.load_counts(counts_lib.counts_path(platform.target))
+  if len(measurements) > 1:
+    # The path the search and launch.estimate take: the table priced with the CPI fitted on the other models,
+    # the regressor fitted on that table, the model's operators priced by the regressor.
+    for k, (m, entry) in enumerate(zip(measurements, reproduction)):
+      rest = [j for j in range(len(measurements)) if j != k]
+      loo = dataclasses.replace(model, cpi=cycles_lib.fit_cpi(model, [instr[j] for j in rest],
+                                                              [flash[j] for j in rest],
+                                                              [measured_cycles[j] for j in rest]))
+      coefs = regressor_lib.fit(emulated_rows(count_rows, platform, loo, active_mw), "latency_ms")
+      graph = tflite_graph.read_tflite(reference_model_path(m["model"]))
+      predicted_ms = sum(float(np.dot(regressor_lib.lookup(coefs, o.spec.op, o.spec.kernel), o.features()))
+                         for o in graph.ops)
+      entry["leave_one_out_regressor_latency_ms"] = round(predicted_ms, 3)
+      entry["leave_one_out_regressor_latency_error_pct"] = round(100 * (predicted_ms / float(m["latency_ms"]) - 1), 2)
+      if measured_power:
+        power = float(np.mean([powers[j] for j in rest]))
+        entry["leave_one_out_regressor_energy_error_pct"] = round(
+            100 * (predicted_ms * power / float(m["energy_uj"]) - 1), 2)
   cal.update(method="emulated counts x cycle model", cpi=round(cpi, 6), target=platform.target,
              reproduction=reproduction)
   for stale in ("scale_compute", "scale_overhead", "host_profile", "leave_one_out_single_scale"):
@@ -232,9 +252,7 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
       "calibration measurements)"))
   calibrated = dataclasses.replace(platform, active_mw=round(active_mw, 4), sources=sources, calibration=cal,
                                    cycle_model=cycle_model)
-  rows = emulated_rows(counts_lib.load_counts(counts_lib.counts_path(platform.target)), calibrated, model,
-                       active_mw)
-  return calibrated, rows
+  return calibrated, emulated_rows(count_rows, calibrated, model, active_mw)
 
 
 def emulated_rows(count_rows, platform: platform_lib.Platform, model, active_mw: float) -> list[lut_lib.LutRow]:

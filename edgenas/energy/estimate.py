@@ -58,7 +58,7 @@ def range_flags(platform: platform_lib.Platform, spec: ops_lib.OpSpec, feats: Se
 
 def _price(platform: platform_lib.Platform, specs: Sequence[ops_lib.OpSpec], feats: np.ndarray):
   """(latency ms, energy µJ) per operator, with the platform's JAX regressor."""
-  op_index = jnp.asarray([ops_lib.OP_TYPES.index(s.op) for s in specs])
+  op_index = jnp.asarray([regressor_lib.regime_index(s.op, s.kernel) for s in specs])
   out = []
   for quantity in ("latency_ms", "energy_uj"):
     coefs = platform.coefficients(quantity)
@@ -75,7 +75,7 @@ def _instructions(platform: platform_lib.Platform, specs, feats) -> np.ndarray |
   coefs = platform.regressor.get("instructions")
   if not coefs or any(s.op not in coefs for s in specs):
     return None
-  op_index = jnp.asarray([ops_lib.OP_TYPES.index(s.op) for s in specs])
+  op_index = jnp.asarray([regressor_lib.regime_index(s.op, s.kernel) for s in specs])
   matrix = regressor_lib.coefficient_matrix(platform.coefficients("instructions"))
   return np.asarray(regressor_lib.predict(matrix, op_index, jnp.asarray(feats, jnp.float32)), np.float64)
 

@@ -22,6 +22,26 @@ import functools
 
 from edgenas import ops as ops_lib
 
+# Kernels that the runtimes run with a code path of their own, so their cost per MAC differs from the op type's
+# general kernel: CMSIS-NN's 1x1 convolution (no im2col) and 3x3 depthwise kernel, TFLM's matching fast paths.
+# The regressor fits each such regime separately; a profile without it falls back to the op type's coefficients.
+SPECIAL_KERNELS = {ops_lib.CONV_2D: (1, "conv_2d_1x1"), ops_lib.DEPTHWISE_CONV_2D: (3, "depthwise_conv_2d_3x3")}
+REGIMES = tuple(ops_lib.OP_TYPES) + tuple(name for _, name in SPECIAL_KERNELS.values())
+
+
+def regime(op: str, kernel: int) -> str:
+  """The cost regime of an operator: its op type, or the special kernel it runs (see SPECIAL_KERNELS)."""
+  special = SPECIAL_KERNELS.get(op)
+  return special[1] if special is not None and int(kernel) == special[0] else op
+
+
+def base_op(regime_name: str) -> str:
+  for op, (_, name) in SPECIAL_KERNELS.items():
+    if name == regime_name:
+      return op
+  return regime_name
+
+
 # Regressor features, in the order `cost_features` returns them (edgenas.ops.FEATURES plus `window_taps`).
 FEATURES = ("executed_macs", "weight_bytes", "activation_bytes", "constant", "window_taps")
 WINDOWED_OPS = (ops_lib.CONV_2D, ops_lib.DEPTHWISE_CONV_2D, ops_lib.AVERAGE_POOL_2D, ops_lib.MAX_POOL_2D)

@@ -64,26 +64,30 @@ def fit_op(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return solution / scale
 
 
+def _regimes(rows: Sequence[lut_lib.LutRow]) -> np.ndarray:
+  return np.array([features_lib.regime(r.op, r.kernel) for r in rows])
+
+
 def fit(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms",
         feature_fn=features_lib.cost_features) -> dict[str, np.ndarray]:
-  """{op type: coefficients} for every op type present in `rows`."""
+  """{regime: coefficients} for every cost regime (op type, or special kernel) present in `rows`."""
   x, y = _features(rows, feature_fn), _targets(rows, quantity)
-  ops = np.array([r.op for r in rows])
-  return {op: fit_op(x[ops == op], y[ops == op]) for op in sorted(set(ops))}
+  keys = _regimes(rows)
+  return {k: fit_op(x[keys == k], y[keys == k]) for k in sorted(set(keys))}
 
 
 def predict_rows(coefs: Mapping[str, np.ndarray], rows: Sequence[lut_lib.LutRow],
                  feature_fn=features_lib.cost_features) -> np.ndarray:
   x = _features(rows, feature_fn)
-  return np.array([float(np.dot(_lookup(coefs, r.op), f)) for r, f in zip(rows, x)])
+  return np.array([float(np.dot(lookup(coefs, r.op, r.kernel), f)) for r, f in zip(rows, x)])
 
 
-def _lookup(coefs: Mapping[str, Sequence[float]], op: str):
-  try:
-    return coefs[op]
-  except KeyError:
-    raise EnergyModelError(f"no cost coefficients for operator {op!r}: the platform's table has no "
-                           f"{op} rows") from None
+def lookup(coefs: Mapping[str, Sequence[float]], op: str, kernel: int = 1):
+  """The coefficients of `op` with this kernel: its special-kernel regime if fitted, else its op type's."""
+  for key in (features_lib.regime(op, kernel), op):
+    if key in coefs:
+      return coefs[key]
+  raise EnergyModelError(f"no cost coefficients for operator {op!r}: the platform's table has no {op} rows")
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -108,7 +112,7 @@ def kfold_quality(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms", 
   a few microseconds on the host, where timer noise is of the order of the cost), and R²/MAPE per op type. An op type with fewer rows than folds is scored leave-one-out.
   """
   x, y = _features(rows, feature_fn), _targets(rows, quantity)
-  ops = np.array([r.op for r in rows])
+  ops = _regimes(rows)
   pred = np.zeros_like(y)
   rng = np.random.default_rng(seed)
   for op in sorted(set(ops)):
@@ -141,17 +145,23 @@ def _round(v: float) -> float | None:
 
 
 def coefficient_matrix(coefs: Mapping[str, Sequence[float]]) -> jnp.ndarray:
-  """[len(OP_TYPES), N_FEATURES] in `edgenas.ops.OP_TYPES` order; op types the table lacks are NaN, so using
-  one is loud rather than free."""
-  m = np.full((len(ops_lib.OP_TYPES), N_FEATURES), np.nan, np.float32)
-  for i, op in enumerate(ops_lib.OP_TYPES):
-    if op in coefs:
-      m[i] = np.asarray(coefs[op], np.float32)
+  """[len(REGIMES), N_FEATURES] in `edgenas.energy.features.REGIMES` order (a special kernel the table has no
+  fit for takes its op type's row); op types the table lacks are NaN, so using one is loud rather than free."""
+  m = np.full((len(features_lib.REGIMES), N_FEATURES), np.nan, np.float32)
+  for i, key in enumerate(features_lib.REGIMES):
+    found = coefs.get(key, coefs.get(features_lib.base_op(key)))
+    if found is not None:
+      m[i] = np.asarray(found, np.float32)
   return jnp.asarray(m)
 
 
+def regime_index(op: str, kernel: int) -> int:
+  """Row of `coefficient_matrix` for an operator with this kernel."""
+  return features_lib.REGIMES.index(features_lib.regime(op, kernel))
+
+
 def predict(coef_matrix: jnp.ndarray, op_index: jnp.ndarray, features: jnp.ndarray) -> jnp.ndarray:
-  """Cost of operators given their op-type index (into OP_TYPES) and feature vectors; pure and vmap-able."""
+  """Cost of operators given their regime index (`regime_index`) and feature vectors; pure and vmap-able."""
   return jnp.sum(coef_matrix[op_index] * features, axis=-1)
 
 
@@ -163,7 +173,7 @@ def op_cost_fn(platform: platform_lib.Platform | str, quantity: str = "energy_uj
   coefs = {op: jnp.asarray(c, jnp.float32) for op, c in platform.coefficients(quantity).items()}
 
   def op_cost(op, in_h, in_w, in_c, out_c, kernel=1, stride=1):
-    theta = _lookup(coefs, op)
+    theta = lookup(coefs, op, kernel)
     feats = features_lib.cost_features(op, in_h, in_w, in_c, out_c, kernel, stride)
     return sum(theta[i] * feats[i] for i in range(N_FEATURES))
 

@@ -210,14 +210,9 @@ class TflmRunner:
 _ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 
 
-def measure_arena(flatbuffer: bytes) -> dict:
-  """{arena_bytes, reported_bytes, head_bytes, tail_bytes}: the smallest arena (in 16-byte steps from the figure
-  TFLM's RecordingMicroAllocator reports after one invoke) in which the model loads and runs.
-
-  The recorded total counts what stays allocated. Operators' Prepare also takes temporary memory from the arena,
-  which on a tiny model can exceed the slack left (a 2-kB depthwise model asked for 64 temporary bytes where 32
-  were free: testdata/tiny_dw_prepare_temp.tflite), so the figure is confirmed by really loading and running the
-  model, and grown until that works."""
+def recorded_arena(flatbuffer: bytes) -> dict:
+  """{reported_bytes, head_bytes, tail_bytes, allocation_report}: what TFLM's RecordingMicroAllocator records
+  after one inference in a generous arena (16-byte aligned)."""
   runner = TflmRunner(flatbuffer)
   zeros = np.zeros((1,) + tuple(int(d) for d in runner.input["shape"][1:]), np.int8)
   runner.run_int8(zeros)
@@ -230,18 +225,56 @@ def measure_arena(flatbuffer: bytes) -> dict:
   fig = {k: int(m.group(1)) for k in ("head", "tail")
          for m in [re.search(rf"Arena allocation {k} (\d+) bytes", report)] if m}
   reported = -(-int(found.group(1)) // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
-  for arena in range(reported, reported + MAX_ARENA_GROWTH_BYTES + 1, ARENA_ALIGNMENT):
-    try:
-      with _captured_stderr():  # TFLM prints its allocation failures; they are expected while growing
-        TflmRunner(flatbuffer, arena).run_int8(zeros)
-      break
-    except errors.UnsupportedOpError:
-      continue
-  else:
-    raise errors.ExportError(f"TFLite Micro reported a {reported}-byte arena but the model does not load in "
-                             f"{arena} bytes either; its allocation report was:\n{report[:2000]}")
-  return dict(arena_bytes=arena, reported_bytes=reported, head_bytes=fig.get("head"), tail_bytes=fig.get("tail"),
+  return dict(reported_bytes=reported, head_bytes=fig.get("head"), tail_bytes=fig.get("tail"),
               allocation_report=[l for l in lines if "RecordingMicroAllocator" in l])
+
+
+# Loads and runs a model in an arena of the given size in a child process: the tflite-micro wheel can crash the
+# process (not raise) when an arena is a little too small for an operator's Prepare (seen with a 1-op
+# FULLY_CONNECTED model: a failed temporary allocation, then a fatal check in ResetTempAllocations).
+_PROBE = """
+import sys
+import numpy as np
+from tflite_micro.python.tflite_micro import runtime
+model = open(sys.argv[1], "rb").read()
+try:
+  interpreter = runtime.Interpreter.from_bytes(model, arena_size=int(sys.argv[2]))
+except RuntimeError:
+  sys.exit(3)
+detail = interpreter.get_input_details(0)
+interpreter.set_input(np.zeros(detail["shape"], np.int8), 0)
+interpreter.invoke()
+"""
+
+
+def _loads_in(model_path: str, arena: int) -> bool:
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", _PROBE, model_path, str(arena)], capture_output=True)
+  return proc.returncode == 0
+
+
+def measure_arena(flatbuffer: bytes) -> dict:
+  """{arena_bytes, reported_bytes, head_bytes, tail_bytes}: the smallest arena (in 16-byte steps from the figure
+  TFLM's RecordingMicroAllocator reports after one invoke) in which the model loads and runs.
+
+  The recorded total counts what stays allocated. Operators' Prepare also takes temporary memory from the arena,
+  which on a tiny model can exceed the slack left (a 2-kB depthwise model asked for 64 temporary bytes where 32
+  were free: testdata/tiny_dw_prepare_temp.tflite), so the figure is confirmed by really loading and running the
+  model, and grown until that works. Each try runs in a child process (see _PROBE)."""
+  recorded = recorded_arena(flatbuffer)
+  reported = recorded["reported_bytes"]
+  with tempfile.NamedTemporaryFile(suffix=".tflite") as f:
+    f.write(flatbuffer)
+    f.flush()
+    for arena in range(reported, reported + MAX_ARENA_GROWTH_BYTES + 1, ARENA_ALIGNMENT):
+      if _loads_in(f.name, arena):
+        break
+    else:
+      raise errors.ExportError(f"TFLite Micro reported a {reported}-byte arena but the model does not load in "
+                               f"{arena} bytes either; its allocation report was:\n"
+                               + "\n".join(recorded["allocation_report"])[:2000])
+  return dict(recorded, arena_bytes=arena)
 
 
 def device_arena_bytes(flatbuffer: bytes, host_arena_bytes: int) -> int:
