@@ -4,7 +4,7 @@ For each size, one jitted forward + backward (gradients for x and the kernel) is
 prints JSON (median and best milliseconds, compile seconds, lax/shift ratio, largest gradient difference) and
 writes it to benchmarks/results/depthwise.json.
 
-  python benchmarks/depthwise.py [--repeats 7] [--only digits]
+  python -m benchmarks.depthwise [--repeats 7] [--only digits]
 """
 import argparse
 import json
@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from edgenas.nn.depthwise import depthwise_conv  # noqa: E402  pylint: disable=g-import-not-at-top
+from edgenas.nn.depthwise import depthwise_conv
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "depthwise.json")
 

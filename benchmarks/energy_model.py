@@ -7,28 +7,24 @@
 - host check: the two MLPerf Tiny models timed whole in the TFLite Micro interpreter against the host
   regressor's per-operator sum (with --host_check; needs tflite-micro).
 
-  python benchmarks/energy_model.py [--host_check]
+  python -m benchmarks.energy_model [--host_check]
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from edgenas import cost as cost_lib  # noqa: E402
-from edgenas import ops as ops_lib  # noqa: E402
-from edgenas import space as space_lib  # noqa: E402
-from edgenas.energy import calibration  # noqa: E402
-from edgenas.energy import estimate  # noqa: E402
-from edgenas.energy import features as features_lib  # noqa: E402
-from edgenas.energy import platform as platform_lib  # noqa: E402
-from edgenas.energy import regressor  # noqa: E402
+from edgenas import cost as cost_lib
+from edgenas import space as space_lib
+from edgenas.energy import calibration
+from edgenas.energy import estimate
+from edgenas.energy import features as features_lib
+from edgenas.energy import platform as platform_lib
+from edgenas.energy import regressor
 
 SPACES = {
     "digits": dict(input_shape=(8, 8, 1), num_classes=10, stem=dict(channels=16, kernel=3, stride=1),

@@ -7,7 +7,7 @@ Two models:
     forward passes over random images), exported with random images as calibration and test data. Its
     accuracy is chance by construction; its size, arena, timing and int8/float argmax agreement are the figures.
 
-Usage: python benchmarks/export.py [--train_steps 400] [--cifar_test_images 200]
+Usage: python -m benchmarks.export [--train_steps 400] [--cifar_test_images 200]
 Writes benchmarks/results/export.json as well as printing it.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -23,12 +22,12 @@ import jax
 import numpy as np
 import optax
 
+from edgenas import data as data_lib
+from edgenas import space as space_lib
+from edgenas.export import exporter, verify
+from edgenas.nn import model as model_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from edgenas import data as data_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from edgenas import space as space_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from edgenas.export import exporter, verify  # noqa: E402  pylint: disable=g-import-not-at-top
-from edgenas.nn import model as model_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 L = space_lib.Layer
 PLATFORMS = ("stm32l4r5_tflm", "andes_d45_tflm")

@@ -1,6 +1,6 @@
 """Cost of the run infrastructure next to a train step: dataset loading, batch drawing, augmentation, checkpoints.
 
-Prints one JSON object. Usage: python benchmarks/infra_io.py [--leaves 400] [--megabytes 8]
+Prints one JSON object. Usage: python -m benchmarks.infra_io [--leaves 400] [--megabytes 8]
 """
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
@@ -16,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from edgenas import checkpoint as ckpt_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from edgenas import data  # noqa: E402  pylint: disable=g-import-not-at-top
+from edgenas import checkpoint as ckpt_lib
+from edgenas import data
 
 
 def _seconds(fn, repeat=1):

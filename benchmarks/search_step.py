@@ -4,7 +4,7 @@ for each relaxation, on the digits config and on a CIFAR-sized config (32x32x3, 
 Each (config, relaxation) runs in its own subprocess so that peak RSS is its own. Random data of the right shape
 stands in for the images: the cost of a step does not depend on pixel values.
 
-  python benchmarks/search_step.py [--steps 10] [--configs digits,cifar] [--relaxations softmax,gumbel,sigmoid]
+  python -m benchmarks.search_step [--steps 10] [--configs digits,cifar] [--relaxations softmax,gumbel,sigmoid]
       [--out benchmarks/results/search_step.json]
 
 The recorded file combines `--configs digits --steps 10` and `--configs cifar --steps 3` (a CIFAR softmax pair takes
@@ -19,7 +19,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 CIFAR_SPACE = dict(stem=dict(channels=16, kernel=3, stride=1),
                    stages=[dict(layers=2, channels=16, stride=1), dict(layers=2, channels=32, stride=2)],
@@ -32,7 +31,6 @@ def measure(name: str, relaxation: str, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from edgenas import cost as cost_lib
   from edgenas import objective as objective_lib
   from edgenas import search
   from edgenas import space as space_lib
@@ -98,8 +96,8 @@ def main():
   for name in args.configs.split(","):
     for relax in args.relaxations.split(","):
       env = dict(os.environ, EDGENAS_JAX_CACHE="")  # measure real compile time, not a cache hit
-      out = subprocess.run([sys.executable, __file__, "--child", name, relax, "--steps", str(args.steps)],
-                           capture_output=True, text=True, env=env, cwd=REPO)
+      out = subprocess.run([sys.executable, "-m", "benchmarks.search_step", "--child", name, relax, "--steps",
+                            str(args.steps)], capture_output=True, text=True, env=env, cwd=REPO)
       if out.returncode:
         raise SystemExit(out.stderr)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -15,7 +15,7 @@ earlier 4-epoch run had not reached step 50 after 1350 s), so it is not in the d
 Monotonicity is checked per mode, on the derived architectures' predicted energy and on the expected energy
 under the final architecture distribution.
 
-Usage: python benchmarks/sweep.py [--epochs 0] [--warmup_epochs -1] [--lambdas 0,0.3,1,3] [--modes seq,scan]
+Usage: python -m benchmarks.sweep [--epochs 0] [--warmup_epochs -1] [--lambdas 0,0.3,1,3] [--modes seq,scan]
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 
+from experiments import digits
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-from experiments import digits  # noqa: E402  (the repository root is not on sys.path for a script)
 MODES = {"seq": [], "vmap": ["--vectorize", "--chunk=0"], "scan": ["--vectorize", "--chunk=1"]}
 CONFIG = """from experiments import digits
 

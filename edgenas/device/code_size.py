@@ -60,12 +60,13 @@ def measure(target: str, models: dict[str, bytes], build_dir: str, log: Callable
   each program's arena measurement (for the tail fit)."""
   import numpy as np
   from edgenas.device import runner
-  from edgenas.export import verify
+  from edgenas.energy import tflite_graph
 
   programs, runs = {}, {}
   for op, fb in models.items():
-    shape = tuple(int(d) for d in verify.TflmRunner(fb).input["shape"][1:])
-    inputs = np.random.default_rng(0).integers(-128, 128, size=(1,) + shape, dtype=np.int8)
+    graph = tflite_graph.parse_tflite(fb)
+    size = sum(int(np.prod(graph.tensors[t].shape)) for t in graph.inputs)  # every input, one after another
+    inputs = np.random.default_rng(0).integers(-128, 128, size=(1, size), dtype=np.int8)
     result = runner.run_on_target(fb, target, inputs, os.path.join(build_dir, op), model_name=op, log=log)
     sizes = object_sizes(os.path.join(build_dir, op, target, "edgenas_model.map"))
     model_obj = sizes.pop("model_data.o", 0)

@@ -106,20 +106,47 @@ def write_program(directory: str, flatbuffer: bytes, host, inputs_int8: np.ndarr
   from edgenas.export import verify
 
   input_shape = [int(d) for d in host.input["shape"][1:]]
+  extra_sizes = [int(np.prod(d["shape"])) for d in _input_details(host)[1:]]
   output_size = int(np.prod(host.output["shape"]))
   qin, qout = host.input_qparams, host.output_qparams
   ops = verify.model_ops(flatbuffer)
   verify.check_tflm_ops(ops)
   summary = verify.op_summary(ops)
-  sources = csource.model_data_sources(flatbuffer, arena_bytes, qin, qout, input_shape, output_size, inputs_int8,
-                                       expected_int8, list(labels), model_name)
+  sources = csource.model_data_sources(flatbuffer, arena_bytes, qin, qout, input_shape, output_size,
+                                       np.asarray(inputs_int8).reshape(len(inputs_int8), -1), expected_int8,
+                                       list(labels), model_name, extra_sizes)
   sources["model_ops.h"] = csource.model_ops_header([s["tflm_resolver"] for s in summary], model_name)
   sources["main.cc"] = csource.MAIN_CC
   os.makedirs(directory, exist_ok=True)
   csource.write_sources(directory, sources)
-  return dict(input_size=int(np.prod(input_shape)), output_size=output_size, samples=len(inputs_int8),
-              harness_bytes=csource.sample_bytes(int(np.prod(input_shape)), output_size, len(inputs_int8)),
+  input_size = int(np.prod(input_shape)) + sum(extra_sizes)
+  return dict(input_size=input_size, output_size=output_size, samples=len(inputs_int8),
+              harness_bytes=csource.sample_bytes(input_size, output_size, len(inputs_int8)),
               ops=[o["op"] for o in ops])
+
+
+def _input_details(host) -> list[dict]:
+  """The details of every input of the model `host` (a verify.TflmRunner) runs, in order."""
+  return [host.interpreter.get_input_details(i) for i in range(host.num_inputs)]
+
+
+def host_outputs(host, samples: np.ndarray) -> np.ndarray:
+  """The host TFLM's int8 outputs for samples whose rows hold every input of the model, one after another."""
+  details = _input_details(host)
+  sizes = [int(np.prod(d["shape"])) for d in details]
+  flat = np.asarray(samples, np.int8).reshape(len(samples), -1)
+  if flat.shape[1] != sum(sizes):
+    raise errors.DeviceError(f"inputs of {flat.shape[1]} values per sample; the model takes {sum(sizes)} "
+                             f"({' + '.join(str(v) for v in sizes)})")
+  outs = []
+  for row in flat:
+    offset = 0
+    for i, (d, size) in enumerate(zip(details, sizes)):
+      host.interpreter.set_input(row[offset:offset + size].reshape(d["shape"]), i)
+      offset += size
+    host.interpreter.invoke()
+    outs.append(np.asarray(host.interpreter.get_output(0)).reshape(-1))
+  return np.stack(outs)
 
 
 def _support_sources(target: targets_lib.Target) -> tuple[list[str], list[str]]:
@@ -225,7 +252,8 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
                   labels: Optional[Sequence[int]] = None, arena_bytes: Optional[int] = None,
                   model_name: str = "edgenas_model", timeout_s: float = DEFAULT_TIMEOUT_S, mem: bool = False,
                   log: Callable[[str], None] = _say) -> dict:
-  """Builds and runs the model on `target` over the int8 images (N, ...input shape); returns the report entry
+  """Builds and runs the model on `target` over the int8 images (N, ...input shape; for a model with several
+  inputs, N rows of all its inputs one after another); returns the report entry
   (see the module docstring). The host TFLM interpreter computes the expected outputs. `arena_bytes` defaults to
   the host's recorded arena plus growth room and CMSIS-NN scratch headroom (`verify.device_arena_bytes`).
 
@@ -237,7 +265,7 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
   targets_lib.check_toolchain(target)
   host = verify.TflmRunner(flatbuffer)
   inputs_int8 = np.asarray(inputs_int8, np.int8)
-  expected_int8 = host.run_int8(inputs_int8)
+  expected_int8 = host_outputs(host, inputs_int8)
   if arena_bytes is None:
     # Room to spare instead of the host's minimal arena: the device prints what it really used.
     recorded = verify.recorded_arena(flatbuffer)["reported_bytes"]

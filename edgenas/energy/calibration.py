@@ -1,7 +1,14 @@
-"""MCU tables calibrated to real measurements (MLPerf Tiny), with relative per-operator costs from the host.
+"""MCU tables calibrated to real measurements (MLPerf Tiny).
 
-Two whole-model measurements per board cannot determine per-operator costs by themselves. The relative cost of
-each operator configuration therefore comes from something measured: the `host` table, which times TFLM's
+Two ways, the first used by every shipped MCU platform:
+  - `calibrate_emulated`: the relative cost of every operator configuration comes from the platform's own target,
+    emulated (`edgenas.energy.counts`: instructions and flash reads per operator on its instruction set and
+    kernels), priced by the platform's cycle model (`edgenas.energy.cycles`) whose one constant, the CPI, is
+    fitted to the board's whole-model measurements; leave-one-out errors are reported.
+  - `calibrate` (below, for a platform without an emulated target): relative costs from the `host` table.
+
+Two whole-model measurements per board cannot determine per-operator costs by themselves. In `calibrate` the
+relative cost of each operator configuration therefore comes from the `host` table, which times TFLM's
 reference kernels one operator at a time. A board's cost of an operator is the host cost split into its
 compute part (the MAC, weight-byte and window-tap terms of the host regressor) and its overhead part (activation-byte
 and per-call terms), each multiplied by a per-board scale:

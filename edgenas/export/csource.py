@@ -41,13 +41,17 @@ def _float_literal(x: float) -> str:
 
 def model_data_sources(flatbuffer: bytes, arena_bytes: int, input_qparams, output_qparams,
                        input_shape: Sequence[int], num_classes: int, sample_inputs: np.ndarray,
-                       sample_outputs: np.ndarray, sample_labels: Sequence[int], model_name: str) -> dict[str, str]:
+                       sample_outputs: np.ndarray, sample_labels: Sequence[int], model_name: str,
+                       extra_input_sizes: Sequence[int] = ()) -> dict[str, str]:
   """{'model_data.h', 'model_data.cc'}: the model and N test images (int8) with TFLM's int8 outputs for them.
 
   The device program runs every image and compares each output byte with the host's, so a wrong build shows up
-  as a named mismatch, not as a plausible number. `sample_labels` may hold -1 where no label is known."""
+  as a named mismatch, not as a plausible number. `sample_labels` may hold -1 where no label is known. A model
+  with more inputs (e.g. one ADD) gives their sizes in `extra_input_sizes`; each sample row then holds all its
+  inputs one after another."""
   n = len(sample_inputs)
-  input_size, output_size = int(np.prod(input_shape)), int(num_classes)
+  sizes = [int(np.prod(input_shape))] + [int(v) for v in extra_input_sizes]
+  input_size, output_size = sum(sizes), int(num_classes)
   inputs = np.asarray(sample_inputs, np.int8).reshape(n, -1)
   outputs = np.asarray(sample_outputs, np.int8).reshape(len(sample_outputs), -1)
   if n < 1 or inputs.shape[1] != input_size or outputs.shape != (n, output_size) or len(sample_labels) != n:
@@ -72,7 +76,9 @@ constexpr int kEdgenasArenaBytes = {int(arena_bytes)};
 
 // Input shape without the batch dimension, and sizes in int8 values.
 {shape_lines}
-constexpr int kEdgenasInputSize = {input_size};
+constexpr int kEdgenasInputSize = {input_size};  // all inputs of one sample
+constexpr int kEdgenasNumInputs = {len(sizes)};
+constexpr int kEdgenasInputSizes[{len(sizes)}] = {{{", ".join(str(v) for v in sizes)}}};
 constexpr int kEdgenasNumClasses = {output_size};
 
 // real_value = scale * (int8_value - zero_point)
@@ -272,8 +278,9 @@ int EDGENAS_MAIN() {
   }
   int matching = 0;
   for (int s = 0; s < kEdgenasNumSamples; ++s) {
-    TfLiteTensor* input = interpreter.input(0);
-    std::memcpy(input->data.int8, g_edgenas_sample_inputs[s], kEdgenasInputSize);
+    for (int i = 0, offset = 0; i < kEdgenasNumInputs; offset += kEdgenasInputSizes[i++]) {
+      std::memcpy(interpreter.input(i)->data.int8, g_edgenas_sample_inputs[s] + offset, kEdgenasInputSizes[i]);
+    }
     profiler.recording = (s == 0);
     profiler.active = true;
     edgenas_marker();

@@ -166,6 +166,8 @@ class TflmRunner:
   """The model in the TFLite Micro interpreter; batch-1 invokes over float images."""
 
   def __init__(self, flatbuffer: bytes, arena_bytes: int | None = None):
+    from edgenas.energy import tflite_graph
+    self.num_inputs = len(tflite_graph.parse_tflite(flatbuffer).inputs)
     self.interpreter = _interpreter(flatbuffer, arena_bytes or generous_arena_bytes(flatbuffer))
     self.input = self.interpreter.get_input_details(0)
     self.output = self.interpreter.get_output_details(0)
