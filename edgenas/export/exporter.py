@@ -62,14 +62,27 @@ def fake_quant_predictions(arch: space_lib.Architecture, variables, ranges: Mapp
                          for i in range(0, len(images), EVAL_BATCH)])
 
 
-def check_budgets(platform, arena_bytes: int, flash_bytes: int) -> None:
+def device_memory_needs(platform, flatbuffer: bytes, host_arena_bytes: int) -> tuple[int, int, str, str]:
+  """(SRAM bytes, flash bytes, what each counts) the model needs on `platform`: on a platform with an emulated
+  target, the device memory model's 32-bit arena and whole-program flash (TFLM's code for its operators plus the
+  model); otherwise the host's measured arena and the flatbuffer."""
+  if platform.target:
+    from edgenas.device import memory as device_memory
+    predicted = device_memory.predict(flatbuffer, platform.target)
+    if predicted["predicted_arena_bytes"] is not None and predicted["predicted_flash_bytes"] is not None:
+      return (predicted["predicted_arena_bytes"], predicted["predicted_flash_bytes"],
+              f"TFLite Micro arena on {platform.target}, predicted", f"the whole {platform.target} program, predicted")
+  return host_arena_bytes, len(flatbuffer), "TFLite Micro arena, measured on the host", "the .tflite flatbuffer"
+
+
+def check_budgets(platform, arena_bytes: int, flash_bytes: int, sram_what: str = "TFLite Micro arena",
+                  flash_what: str = "the .tflite flatbuffer") -> None:
   """Raises BudgetError naming the platform, the budget (SRAM or flash) and the figures that do not fit."""
-  for what, need, have, field in (("SRAM", arena_bytes, platform.sram_bytes, "sram_bytes"),
-                                  ("flash", flash_bytes, platform.flash_bytes, "flash_bytes")):
+  for what, need, have, field, counted in (("SRAM", arena_bytes, platform.sram_bytes, "sram_bytes", sram_what),
+                                           ("flash", flash_bytes, platform.flash_bytes, "flash_bytes", flash_what)):
     if need > have:
       raise errors.BudgetError(
-          f"platform {platform.name}: the model needs {need} bytes of {what} "
-          f"({'TFLite Micro arena, measured' if what == 'SRAM' else 'the .tflite flatbuffer'}) but the {what} "
+          f"platform {platform.name}: the model needs {need} bytes of {what} ({counted}) but the {what} "
           f"budget is {have} bytes ('{field}' in {platform.path}); nothing was written. Choose a smaller "
           f"architecture (or a memory budget in the search).")
 
@@ -78,6 +91,8 @@ def _platform_entry(platform, estimate: dict, arena_bytes: int) -> dict:
   keys = ("latency_ms", "energy_uj", "peak_sram_bytes", "flash_bytes", "weight_bytes", "sram_budget_bytes",
           "flash_budget_bytes")
   entry = {k: estimate[k] for k in keys}
+  if "device_memory" in estimate:  # the 32-bit target's arena and whole-program flash (edgenas.device.memory)
+    entry["device_memory"] = estimate["device_memory"]
   entry.update(core=platform.core, clock_mhz=platform.clock_mhz, runtime=platform.runtime,
                fits_sram=arena_bytes <= platform.sram_bytes, fits_flash=estimate["flash_bytes"] <= platform.flash_bytes,
                out_of_range_ops=len(estimate["out_of_range"]), fit_quality=estimate["fit_quality"])
@@ -198,7 +213,7 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
       f.write(flatbuffer)
     estimates = {p.name: estimate_lib.estimate_tflite(model_path, p) for p in profiles}
     for p in profiles:
-      check_budgets(p, arena["arena_bytes"], len(flatbuffer))
+      check_budgets(p, *device_memory_needs(p, flatbuffer, arena["arena_bytes"]))
     summary = verify.op_summary(ops)
     n_samples = min(target_images, n_test)
     sources = csource.model_data_sources(flatbuffer, device_arena, runner.input_qparams, runner.output_qparams,
