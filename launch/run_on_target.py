@@ -13,7 +13,6 @@ the pinned tree in ../shared/third_party/tflite-micro/).
 """
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags

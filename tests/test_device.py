@@ -3,9 +3,7 @@
 Each target's library is built once (cached under EDGENAS_DEVICE_CACHE) and shared by every test. Outside CI a
 test skips when its toolchain is missing; in CI (.ci/run installs them) it runs.
 """
-import json
 import os
-import shutil
 import subprocess
 import sys
 

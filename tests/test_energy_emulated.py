@@ -1,12 +1,11 @@
 """Platform-true tables: per-operator counts from each target's instruction set and kernels, a cycle model per
 board, constants fitted to MLPerf Tiny measurements; and the checks that make a table trustworthy."""
 import itertools
-import os
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, require_device
+from conftest import require_device
 from edgenas.energy import calibration, counts as counts_lib, cycles, lut as lut_lib, platform as platform_lib
 from edgenas.energy.errors import EnergyModelError
 

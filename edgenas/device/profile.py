@@ -16,8 +16,6 @@ import shutil
 import time
 from typing import Callable, Sequence
 
-import numpy as np
-
 from edgenas.device import errors
 from edgenas.device import runner as runner_lib
 from edgenas.device import targets as targets_lib
@@ -186,6 +184,3 @@ def count_models(models: Sequence[bytes], target: targets_lib.Target | str, buil
         f"({time.time() - t0:.0f} s)")
   return results
 
-
-def counts_array(results: Sequence[dict], key: str) -> np.ndarray:
-  return np.array([r[key] for r in results], np.float64)

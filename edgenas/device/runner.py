@@ -175,7 +175,7 @@ def build_program(target: targets_lib.Target, library: tflm_lib.Library, directo
     obj = os.path.join(directory, "obj", os.path.splitext(os.path.basename(src))[0] + ".o")
     os.makedirs(os.path.dirname(obj), exist_ok=True)
     cmd = tflm_lib.compile_command(target, src, obj, (directory,) + library.include_dirs, defines, opt=APP_OPT)
-    if tflm_lib._run_logged(cmd, build_log) != 0:
+    if tflm_lib.run_logged(cmd, build_log) != 0:
       raise errors.BuildError(f"target {target.name}: compiling {os.path.basename(src)} failed; log kept at "
                               f"{build_log}")
     objects.append(obj)
@@ -184,7 +184,7 @@ def build_program(target: targets_lib.Target, library: tflm_lib.Library, directo
   linker = target.prefix + ("g++" if target.family == "cortex_m" else "gcc")
   cmd = ([linker, *target.link_flags, *objects, library.archive, *link_extra, "-Wl,--gc-sections",
           f"-Wl,-Map={os.path.join(directory, 'edgenas_model.map')}", "-lm", "-o", elf])
-  if tflm_lib._run_logged(cmd, build_log) != 0:
+  if tflm_lib.run_logged(cmd, build_log) != 0:
     raise errors.BuildError(f"target {target.name}: linking {os.path.basename(elf)} failed; log kept at {build_log}")
   return elf
 

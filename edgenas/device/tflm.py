@@ -192,7 +192,8 @@ def compile_command(target: targets_lib.Target, source: str, obj: str, include_d
           [f"-I{d}" for d in include_dirs] + list(extra) + ["-c", source, "-o", obj])
 
 
-def _run_logged(cmd: list[str], log_path: str, cwd: str | None = None) -> int:
+def run_logged(cmd: list[str], log_path: str, cwd: str | None = None) -> int:
+  """Runs `cmd`, appending the command line and its output to `log_path`; returns the exit status."""
   with open(log_path, "a") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
@@ -241,7 +242,7 @@ def build_library(target: targets_lib.Target | str, tflm_dir: str | None = None,
     logs = [os.path.join(directory, "obj", f"{i}.log") for i in range(len(sources))]
 
     def compile_one(i: int) -> int:
-      return _run_logged(compile_command(target, os.path.join(tree, sources[i]), objects[i], includes,
+      return run_logged(compile_command(target, os.path.join(tree, sources[i]), objects[i], includes,
                                          opt=_opt_level(sources[i])), logs[i])
 
     done, step = 0, max(1, len(sources) // 10)
@@ -259,7 +260,7 @@ def build_library(target: targets_lib.Target | str, tflm_dir: str | None = None,
         f.write(open(p).read())
         os.remove(p)
     partial = archive + ".partial"
-    if _run_logged([target.prefix + "ar", "rcs", partial] + objects, build_log) != 0:
+    if run_logged([target.prefix + "ar", "rcs", partial] + objects, build_log) != 0:
       raise errors.BuildError(f"target {target.name}: archiving the TFLM library failed; log kept at {build_log}")
     os.replace(partial, archive)
     seconds = time.time() - t0

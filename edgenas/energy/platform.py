@@ -12,7 +12,6 @@ import math
 import os
 from typing import Any, Mapping
 
-from edgenas import ops as ops_lib
 from edgenas.energy import features as features_lib
 from edgenas.energy.errors import EnergyModelError
 
