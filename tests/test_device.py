@@ -134,7 +134,8 @@ def test_missing_toolchain_and_tflm_sources_name_the_fix(monkeypatch, tmp_path):
 
 
 def test_launcher_reports_one_line_for_a_missing_qemu(tmp_path):
-  env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+  (tmp_path / "empty").mkdir()
+  env = dict(os.environ, PATH=str(tmp_path / "empty"))  # no cross compiler, no QEMU
   proc = subprocess.run([sys.executable, "-m", "launch.run_on_target", f"--model={REPO_ROOT}/testdata/"
                          "kws_dscnn_int8.tflite", "--targets=cortex-m4", f"--out_dir={tmp_path}"], cwd=REPO_ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
