@@ -59,8 +59,10 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
     targets = (own,) if own else ()
   if export and targets:
     from edgenas.device import targets as targets_lib
+    from edgenas.device import tflm
     for t in targets_lib.parse_targets(",".join(targets)):
       targets_lib.check_toolchain(t)  # before the search, not after it
+    tflm.resolve_tflm_dir()
   search_dir = os.path.join(workdir, "search")
   search_lib.say("== 1/4 search ==")
   search_result = search_lib.run_search(config, search_dir)
