@@ -450,7 +450,7 @@ CXX_HEADERS ?= /usr/include/newlib/c++/12.2.1
 EXTRA_INCLUDES = -I$(TREE)/third_party -I$(TREE)/third_party/eyalroz_printf/src -isystem $(CXX_HEADERS) \
   -isystem $(CXX_HEADERS)/arm-none-eabi
 # The C driver links no libstdc++; cxx_runtime.cc supplies the two symbols TFLM's destructors reference.
-LINK := $(CC)
+LINK = $(CC)
 LINK_FLAGS := -march=$(ARCH) -mabi=$(ABI) -mcmodel=medany --specs=picolibc.specs
 EXTRA_APP_OBJS := cxx_runtime.o
 LDFLAGS ?= --oslib=semihost --crt0=semihost -Wl,--defsym=__flash=0x80000000 -Wl,--defsym=__flash_size=0x400000 \
@@ -465,7 +465,7 @@ def _support_file(name: str) -> str:
 
 
 def build_sources(resolver_methods: Sequence[str], model_name: str, cpu: str = "cortex-m7+fp",
-                  riscv_arch: str = "rv32imc") -> dict[str, str]:
+                  riscv_arch: str = "rv32imac") -> dict[str, str]:
   """{'model_ops.h', 'main.cc', 'cxx_runtime.cc', 'Makefile.cortex_m', 'Makefile.riscv32'}."""
   safe_name = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in model_name) or "edgenas_model"
   return {
