@@ -330,3 +330,17 @@ def test_a_target_that_cannot_run_leaves_the_export_as_it_was(exported, dataset,
   with pytest.raises(device_errors.ToolchainMissingError, match="apt-get install"):
     exporter.run_targets(copy, ["rv32imac"], dataset)
   assert open(os.path.join(copy, "report.json")).read() == before
+
+
+@pytest.mark.parametrize("makefile,link", [("Makefile.riscv32", "riscv64-unknown-elf-gcc "),
+                                           ("Makefile.cortex_m", "arm-none-eabi-g++ ")])
+def test_board_makefiles_compile_and_link_with_the_cross_toolchain(exported, tmp_path, makefile, link):
+  """A dry run of the exported board makefile (make -n): the link line uses the target's compiler driver."""
+  require_device("rv32imac" if "riscv" in makefile else "cortex-m4")
+  from edgenas.device import tflm
+  out, _ = exported
+  proc = subprocess.run(["make", "-n", "-f", makefile, f"TFLM_DIR={tflm.resolve_tflm_dir()}"], cwd=out,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  links = [l for l in proc.stdout.splitlines() if "-o build/" in l and "edgenas_model.elf" in l]
+  assert links and links[0].startswith(link), links
