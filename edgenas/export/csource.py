@@ -351,7 +351,7 @@ SIZE := $(PREFIX)size
 COMMON_FLAGS += -Os -DTF_LITE_STATIC_MEMORY -DTF_LITE_MCU_DEBUG_LOG -ffunction-sections -fdata-sections \
   -fno-unwind-tables -fmessage-length=0 -funsigned-char -fomit-frame-pointer \
   -DEDGENAS_MODEL_NAME='"$(MODEL_NAME)"'
-CXXFLAGS := -std=c++17 -fno-rtti -fno-exceptions -fno-threadsafe-statics $(COMMON_FLAGS)
+CXXFLAGS := -std=c++17 -fno-rtti -fno-exceptions -fno-threadsafe-statics -fno-use-cxa-atexit $(COMMON_FLAGS)
 CCFLAGS := -std=c11 $(COMMON_FLAGS)
 INCLUDES := -I. -I$(TREE) -I$(TREE)/third_party/gemmlowp -I$(TREE)/third_party/flatbuffers/include \
   -I$(TREE)/third_party/kissfft -I$(TREE)/third_party/ruy $(EXTRA_INCLUDES)
