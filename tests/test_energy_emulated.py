@@ -100,3 +100,16 @@ def test_a_failed_counts_run_leaves_the_existing_table(tmp_path):
   with pytest.raises(RuntimeError):
     counts_lib.save_counts(failing_rows(), path)
   assert open(path).read() == before
+
+
+@pytest.mark.parametrize("name", EMULATED)
+def test_shipped_table_is_its_targets_counts_priced_by_its_cycle_model(name):
+  """No hand-edited table: every row is cpi x instructions + flash read cycles x flash reads at the clock."""
+  p = platform_lib.load_platform(name)
+  model = cycles.from_profile(p.cycle_model, p.path)
+  counted = counts_lib.load_counts(counts_lib.counts_path(p.target))
+  rows = lut_lib.load_lut(p.lut_path)
+  assert [r.spec() for r in rows] == [c.spec() for c in counted]
+  expected = model.cycles([c.instructions for c in counted], [c.flash_reads for c in counted]) / (p.clock_mhz * 1e3)
+  np.testing.assert_allclose([r.latency_ms_mean for r in rows], expected, rtol=1e-4)
+  np.testing.assert_allclose([r.energy_uj for r in rows], expected * p.active_mw, rtol=1e-3)
