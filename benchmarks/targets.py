@@ -69,6 +69,12 @@ def untrained_networks() -> dict[str, bytes]:
   return out
 
 
+def input_shape(flatbuffer: bytes) -> tuple[int, ...]:
+  """The model's first input without the batch dimension."""
+  graph = tflite_graph.parse_tflite(flatbuffer)
+  return tuple(int(d) for d in graph.tensors[graph.inputs[0]].shape[1:])
+
+
 def fit_tail(samples: list[tuple[bytes, int]], kernels: str) -> dict:
   """Least squares of (measured arena − planned head − 8 B x channels) on [1, tensors, operators]."""
   rows, y = [], []
@@ -88,10 +94,8 @@ def calibrate(target: str, single_models: dict[str, bytes], networks: dict[str, 
   measured = code_size.measure(target, single_models, os.path.join(build_dir, "code"))
   samples = [(single_models[op], r["arena_used_bytes"]) for op, r in measured["runs"].items()]
   for name, fb in networks.items():
-    fbin = np.random.default_rng(0).integers(-128, 128, size=(1,) + tuple(
-        int(d) for d in tflite_graph.parse_tflite(fb).tensors[tflite_graph.parse_tflite(fb).inputs[0]].shape[1:]),
-        dtype=np.int8)
-    r = runner.run_on_target(fb, target, fbin, os.path.join(build_dir, "fit", name), model_name=name)
+    inputs = np.random.default_rng(0).integers(-128, 128, size=(1,) + input_shape(fb), dtype=np.int8)
+    r = runner.run_on_target(fb, target, inputs, os.path.join(build_dir, "fit", name), model_name=name)
     samples.append((fb, r["arena_used_bytes"]))
   tail = fit_tail(samples, kernels)
   return dict(code=dict(runtime=measured["runtime"], runtime_spread=measured["runtime_spread"],
@@ -112,9 +116,8 @@ def evaluate(target: str, name: str, images: int, build_dir: str) -> dict:
     inputs, labels = verify.TflmRunner(fb).quantize_input(ds.test.images[:images]), ds.test.labels[:images]
     what = f"the first {images} digits test images"
   else:
-    shape = tuple(int(d) for d in tflite_graph.parse_tflite(fb).tensors[tflite_graph.parse_tflite(fb).inputs[0]]
-                  .shape[1:])
-    inputs, labels = np.random.default_rng(0).integers(-128, 128, (images,) + shape, dtype=np.int8), None
+    inputs = np.random.default_rng(0).integers(-128, 128, (images,) + input_shape(fb), dtype=np.int8)
+    labels = None
     what = f"{images} seeded uniform int8 inputs"
   r = runner.run_on_target(fb, target, inputs, os.path.join(build_dir, "eval", name), labels, model_name=name)
   mm = memory.compare(fb, target, r)

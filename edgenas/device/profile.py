@@ -20,6 +20,7 @@ from edgenas.device import errors
 from edgenas.device import runner as runner_lib
 from edgenas.device import targets as targets_lib
 from edgenas.device import tflm as tflm_lib
+from edgenas.energy import profiling
 from edgenas.export import csource
 
 MAX_PROGRAM_MODEL_BYTES = 2_500_000  # of the boards' 4 MB code region, leaving room for TFLM and the C library
@@ -60,15 +61,7 @@ int main() {
   EDGENAS_REGISTER_LOG();
   tflite::InitializeTarget();
   static tflite::MicroMutableOpResolver<8> resolver;
-  resolver.AddConv2D();
-  resolver.AddDepthwiseConv2D();
-  resolver.AddFullyConnected();
-  resolver.AddAdd();
-  resolver.AddAveragePool2D();
-  resolver.AddMaxPool2D();
-  resolver.AddReshape();
-  resolver.AddSoftmax();
-  for (int m = 0; m < kNumModels; ++m) {
+""" + profiling.LUT_RESOLVER_CC + r"""  for (int m = 0; m < kNumModels; ++m) {
     static MarkerProfiler profiler;
     profiler.ops = 0;
     tflite::MicroInterpreter interpreter(tflite::GetModel(kModels[m]), resolver, g_arena, kArenaBytes, nullptr,
@@ -145,8 +138,6 @@ def count_models(models: Sequence[bytes], target: targets_lib.Target | str, buil
                  log: Callable[[str], None] = print) -> list[dict]:
   """Per model: {instructions, flash_reads, ram_reads, ram_writes, arena_used_bytes} of its one operator on
   `target` (see the module docstring). Raises DeviceError if a model has other than one operator."""
-  from edgenas.energy import profiling
-
   target = targets_lib.get_target(target) if isinstance(target, str) else target
   targets_lib.check_toolchain(target)
   library = tflm_lib.build_library(target, log=log)

@@ -62,16 +62,15 @@ def fake_quant_predictions(arch: space_lib.Architecture, variables, ranges: Mapp
                          for i in range(0, len(images), EVAL_BATCH)])
 
 
-def device_memory_needs(platform, flatbuffer: bytes, host_arena_bytes: int) -> tuple[int, int, str, str]:
+def device_memory_needs(platform, estimate: dict, flatbuffer: bytes,
+                        host_arena_bytes: int) -> tuple[int, int, str, str]:
   """(SRAM bytes, flash bytes, what each counts) the model needs on `platform`: on a platform with an emulated
   target, the device memory model's 32-bit arena and whole-program flash (TFLM's code for its operators plus the
-  model); otherwise the host's measured arena and the flatbuffer."""
-  if platform.target:
-    from edgenas.device import memory as device_memory
-    predicted = device_memory.predict(flatbuffer, platform.target)
-    if predicted["predicted_arena_bytes"] is not None and predicted["predicted_flash_bytes"] is not None:
-      return (predicted["predicted_arena_bytes"], predicted["predicted_flash_bytes"],
-              f"TFLite Micro arena on {platform.target}, predicted", f"the whole {platform.target} program, predicted")
+  model), as `estimate_tflite` already predicted them; otherwise the host's measured arena and the flatbuffer."""
+  predicted = estimate.get("device_memory") or {}
+  if predicted.get("predicted_arena_bytes") is not None and predicted.get("predicted_flash_bytes") is not None:
+    return (predicted["predicted_arena_bytes"], predicted["predicted_flash_bytes"],
+            f"TFLite Micro arena on {platform.target}, predicted", f"the whole {platform.target} program, predicted")
   return host_arena_bytes, len(flatbuffer), "TFLite Micro arena, measured on the host", "the .tflite flatbuffer"
 
 
@@ -213,7 +212,7 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
       f.write(flatbuffer)
     estimates = {p.name: estimate_lib.estimate_tflite(model_path, p) for p in profiles}
     for p in profiles:
-      check_budgets(p, *device_memory_needs(p, flatbuffer, arena["arena_bytes"]))
+      check_budgets(p, *device_memory_needs(p, estimates[p.name], flatbuffer, arena["arena_bytes"]))
     summary = verify.op_summary(ops)
     n_samples = min(target_images, n_test)
     sources = csource.model_data_sources(flatbuffer, device_arena, runner.input_qparams, runner.output_qparams,
