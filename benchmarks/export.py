@@ -22,25 +22,25 @@ import jax
 import numpy as np
 import optax
 
+from edgenas import architecture as arch_lib
 from edgenas import data as data_lib
-from edgenas import space as space_lib
 from edgenas.export import exporter, verify
 from edgenas.nn import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-L = space_lib.Layer
+L = arch_lib.Layer
 PLATFORMS = ("stm32l4r5_tflm", "andes_d45_tflm")
 
 
 def digits_arch():
-  return space_lib.Architecture((8, 8, 1), 10, space_lib.Stem(16, 3, 1), (
+  return arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(16, 3, 1), (
       L("mbconv", 16, 16, 1, 3, 3, 48), L("mbconv", 16, 16, 1, 5, 1, 16), L("mbconv", 16, 32, 2, 5, 3, 48),
       L("mbconv", 32, 32, 1, 3, 6, 96)), 0, "bench_digits")
 
 
 def cifar_arch():
-  return space_lib.Architecture((32, 32, 3), 10, space_lib.Stem(16, 3, 1), (
+  return arch_lib.Architecture((32, 32, 3), 10, arch_lib.Stem(16, 3, 1), (
       L("mbconv", 16, 24, 2, 3, 3, 48), L("mbconv", 24, 24, 1, 3, 3, 72), L("mbconv", 24, 32, 2, 5, 3, 72),
       L("mbconv", 32, 32, 1, 3, 6, 192), L("mbconv", 32, 64, 2, 3, 6, 192)), 128, "bench_cifar_sized")
 

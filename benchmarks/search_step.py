@@ -32,6 +32,7 @@ def measure(name: str, relaxation: str, steps: int) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from edgenas import objective as objective_lib
+  from edgenas import optim
   from edgenas import search
   from edgenas import space as space_lib
   from experiments import digits
@@ -46,8 +47,8 @@ def measure(name: str, relaxation: str, steps: int) -> dict:
   space = space_lib.SearchSpace.from_config(space_cfg)
   op_cost, memory_fn, _ = search.resolve_cost_model(c)
   ocfg = search.objective_config(c, cost_ref=1000.0)
-  obj = objective_lib.Objective(space, ocfg, op_cost, memory_fn, objective_lib.weight_optimizer(c.weights, 1000),
-                                objective_lib.arch_optimizer(c.arch))
+  obj = objective_lib.Objective(space, ocfg, op_cost, memory_fn, optim.weight_optimizer(c.weights, 1000),
+                                optim.arch_optimizer(c.arch))
   bs = c.search.batch_size
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.random((bs,) + shape), jnp.float32),

@@ -16,9 +16,9 @@ import os
 import tempfile
 import time
 
+from edgenas import architecture as arch_lib
 from edgenas import rundir
 from edgenas import search as search_lib
-from edgenas import space as space_lib
 from edgenas.energy import estimate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ def main() -> None:
       config.search.epochs = args.epochs
     t = time.time()
     result = search_lib.run_search(config, os.path.join(workdir, p))
-    archs[p] = space_lib.Architecture.load(os.path.join(workdir, p, search_lib.ARCH_FILE))
+    archs[p] = arch_lib.Architecture.load(os.path.join(workdir, p, search_lib.ARCH_FILE))
     searches[p] = dict(arch_hash=result["arch_hash"], layers=result["arch"]["layers"],
                        val_acc_supernet=result["val_acc_supernet"], seconds=round(time.time() - t, 1))
   matrix = {s: {p: {k: estimate.estimate_architecture(archs[s], p)[k] for k in ("energy_uj", "latency_ms")}

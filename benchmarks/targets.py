@@ -49,12 +49,13 @@ SINGLE_OPS = {
 
 def untrained_networks() -> dict[str, bytes]:
   """Three edgenas networks with random weights (the arena does not depend on the values), for the tail fit."""
-  from edgenas import baselines, space as space_lib
+  from edgenas import architecture as arch_lib
+  from edgenas import baselines
   from edgenas.export import convert
   from edgenas.nn import model as model_lib
-  L = space_lib.Layer
+  L = arch_lib.Layer
   archs = {
-      "fit_mbconv_8x8": space_lib.Architecture((8, 8, 1), 10, space_lib.Stem(8, 3, 1), (
+      "fit_mbconv_8x8": arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(8, 3, 1), (
           L("mbconv", 8, 16, 1, 3, 3, 24), L("mbconv", 16, 16, 1, 5, 6, 64), L("mbconv", 16, 24, 2, 3, 1, 16)), 0,
           "fit_mbconv_8x8"),
       "fit_mbv2_0.35_32x32": baselines.baseline_architecture("mobilenetv2_0.35", (32, 32, 3), 10),

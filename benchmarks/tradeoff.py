@@ -41,7 +41,8 @@ def network_row(report: dict, platform: str, seconds: float) -> dict:
 
 
 def run(config, lams, workdir: str) -> dict:
-  from edgenas import baselines, search, space, train
+  from edgenas import architecture as arch_lib
+  from edgenas import baselines, search, train
   platform = config.cost.platform
   dataset = search.load_data(config)
   rows = {}
@@ -58,7 +59,7 @@ def run(config, lams, workdir: str) -> dict:
     t = time.time()
     result = search.run_search(c, os.path.join(workdir, f"search_lam{lam}"))
     search_seconds = time.time() - t
-    arch = space.Architecture.load(os.path.join(workdir, f"search_lam{lam}", search.ARCH_FILE))
+    arch = arch_lib.Architecture.load(os.path.join(workdir, f"search_lam{lam}", search.ARCH_FILE))
     t = time.time()
     row = network_row(train.run_retrain(c, arch, os.path.join(workdir, f"retrain_lam{lam}"), [platform]), platform,
                       time.time() - t)

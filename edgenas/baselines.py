@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from edgenas import space as space_lib
+from edgenas import architecture as arch_lib
 
 MOBILENETV2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                       (6, 320, 1, 1))
@@ -57,7 +57,7 @@ def _kept_strides(input_shape) -> int:
   return min(5, int(math.floor(math.log2(side))))
 
 
-def mobilenetv2(input_shape, num_classes: int, width: float = 1.0, name: str = "") -> space_lib.Architecture:
+def mobilenetv2(input_shape, num_classes: int, width: float = 1.0, name: str = "") -> arch_lib.Architecture:
   """MobileNetV2 at `width`, scaled to the input as described in the module docstring."""
   input_shape = tuple(int(d) for d in input_shape)
   kept = _kept_strides(input_shape)
@@ -66,30 +66,30 @@ def mobilenetv2(input_shape, num_classes: int, width: float = 1.0, name: str = "
   # The five downsampling places in order (stem, then the stride-2 stages); the first 5 - kept become stride 1.
   strides = [2 if i >= 5 - kept else 1 for i in range(5)]
   stem_stride, stage_strides = strides[0], iter(strides[1:])
-  stem = space_lib.Stem(make_divisible(MOBILENETV2_STEM * width), 3, stem_stride)
+  stem = arch_lib.Stem(make_divisible(MOBILENETV2_STEM * width), 3, stem_stride)
   layers, c = [], stem.channels
   for (t, ch, _, s), n in zip(MOBILENETV2_BLOCKS, repeats):
     out = make_divisible(ch * width)
     stage_stride = next(stage_strides) if s == 2 else 1
     for j in range(n):
       stride = stage_stride if j == 0 else 1
-      layers.append(space_lib.Layer(space_lib.MBCONV, c, out, stride, 3, t, c * t))
+      layers.append(arch_lib.Layer(arch_lib.MBCONV, c, out, stride, 3, t, c * t))
       c = out
   head = make_divisible(MOBILENETV2_HEAD * width) if width > 1.0 else MOBILENETV2_HEAD
-  return space_lib.Architecture(input_shape, num_classes, stem, tuple(layers), head, name)
+  return arch_lib.Architecture(input_shape, num_classes, stem, tuple(layers), head, name)
 
 
-def dscnn(input_shape, num_classes: int, name: str = "dscnn") -> space_lib.Architecture:
+def dscnn(input_shape, num_classes: int, name: str = "dscnn") -> arch_lib.Architecture:
   """DS-CNN-like depthwise-separable CNN (see the module docstring)."""
   input_shape = tuple(int(d) for d in input_shape)
   stride = 2 if min(input_shape[:2]) >= 8 else 1
-  stem = space_lib.Stem(DSCNN_CHANNELS, 3, stride)
-  layers = tuple(space_lib.Layer(space_lib.MBCONV, DSCNN_CHANNELS, DSCNN_CHANNELS, 1, 3, 1, DSCNN_CHANNELS)
+  stem = arch_lib.Stem(DSCNN_CHANNELS, 3, stride)
+  layers = tuple(arch_lib.Layer(arch_lib.MBCONV, DSCNN_CHANNELS, DSCNN_CHANNELS, 1, 3, 1, DSCNN_CHANNELS)
                  for _ in range(DSCNN_BLOCKS))
-  return space_lib.Architecture(input_shape, num_classes, stem, layers, 0, name)
+  return arch_lib.Architecture(input_shape, num_classes, stem, layers, 0, name)
 
 
-def baseline_architecture(name: str, input_shape, num_classes: int) -> space_lib.Architecture:
+def baseline_architecture(name: str, input_shape, num_classes: int) -> arch_lib.Architecture:
   """One baseline by name (one of `NAMES`)."""
   if len(tuple(input_shape)) != 3:
     raise BaselineError(f"baseline '{name}': input_shape must be (H, W, C), got {input_shape!r}")
@@ -108,12 +108,12 @@ def check_names(names) -> None:
                         f"{', '.join(NAMES)}")
 
 
-def baseline_architectures(input_shape, num_classes: int, names=NAMES) -> dict[str, space_lib.Architecture]:
+def baseline_architectures(input_shape, num_classes: int, names=NAMES) -> dict[str, arch_lib.Architecture]:
   """{name: Architecture} of the reference networks for this input and number of classes."""
   return {n: baseline_architecture(n, input_shape, num_classes) for n in names}
 
 
-def final_map(arch: space_lib.Architecture) -> tuple[int, int]:
+def final_map(arch: arch_lib.Architecture) -> tuple[int, int]:
   """Spatial size of the last feature map (documents the scaling; also a check for tests)."""
   h, w, _ = arch.feature_shapes()[-1]
   return h, w

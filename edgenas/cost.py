@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import jax.numpy as jnp
 
+from edgenas import architecture as arch_lib
 from edgenas import ops as ops_lib
 from edgenas import space as space_lib
 
@@ -39,7 +40,7 @@ def fixed_ops(space: space_lib.SearchSpace) -> list[ops_lib.OpSpec]:
 
 def candidate_cost(op_cost: OpCost, slot: space_lib.LayerSlot, cand: space_lib.Candidate, gate_frac=1.0):
   """Cost of one candidate in one slot, with `gate_frac` of its expanded channels open."""
-  if cand.op == space_lib.SKIP:
+  if cand.op == arch_lib.SKIP:
     return jnp.zeros(())
   expand = cand.expansion != 1
   hidden = slot.hidden_max(cand) * gate_frac if expand else slot.in_channels
@@ -66,6 +67,6 @@ def expected_cost(op_cost: OpCost, space: space_lib.SearchSpace, probs: Sequence
   return total
 
 
-def architecture_cost(op_cost: OpCost, arch: space_lib.Architecture):
+def architecture_cost(op_cost: OpCost, arch: arch_lib.Architecture):
   """Cost of a derived network under the same model (what the expected cost converges to)."""
   return ops_cost(op_cost, arch.ops())

@@ -15,10 +15,10 @@ import os
 import time
 from typing import Sequence
 
+from edgenas import architecture as arch_lib
 from edgenas import baselines as baselines_lib
 from edgenas import rundir
 from edgenas import search as search_lib
-from edgenas import space as space_lib
 from edgenas import train as train_lib
 
 SUMMARY_JSON = "summary.json"
@@ -66,7 +66,7 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
   search_dir = os.path.join(workdir, "search")
   search_lib.say("== 1/4 search ==")
   search_result = search_lib.run_search(config, search_dir)
-  arch = space_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
+  arch = arch_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
   t_search = time.time()
 
   search_lib.say("== 2/4 retrain the searched network ==")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgenas import space as space_lib
+from edgenas import architecture as arch_lib
 from edgenas.nn import model as model_lib
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -92,13 +92,13 @@ class QuantState:
   initialized: jnp.ndarray
 
 
-def activation_names(arch: space_lib.Architecture) -> list[str]:
+def activation_names(arch: arch_lib.Architecture) -> list[str]:
   """Names of the tensors `forward_folded` offers to `act_fn`, in execution order (traced, never computed)."""
   return list(_activation_names(arch))
 
 
 @functools.lru_cache(maxsize=64)
-def _activation_names(arch: space_lib.Architecture) -> tuple[str, ...]:
+def _activation_names(arch: arch_lib.Architecture) -> tuple[str, ...]:
   names = []
 
   def record(name, y):
@@ -117,7 +117,7 @@ def _activation_names(arch: space_lib.Architecture) -> tuple[str, ...]:
 TIED_TO_INPUT = ("pool",)
 
 
-def range_source(arch: space_lib.Architecture, name: str) -> str:
+def range_source(arch: arch_lib.Architecture, name: str) -> str:
   """The tensor whose range `name` is quantised with: itself, or its input for range-preserving ops."""
   if name not in TIED_TO_INPUT:
     return name
@@ -125,7 +125,7 @@ def range_source(arch: space_lib.Architecture, name: str) -> str:
   return names[names.index(name) - 1]
 
 
-def init_quant_state(arch: space_lib.Architecture) -> QuantState:
+def init_quant_state(arch: arch_lib.Architecture) -> QuantState:
   ranges = {name: jnp.zeros((2,), jnp.float32) for name in activation_names(arch)}
   return QuantState(ranges=ranges, initialized=jnp.zeros((), jnp.int32))
 
@@ -134,7 +134,7 @@ def _weight_hook(name, w):
   return fake_quant_weight(w)
 
 
-def qat_forward(arch: space_lib.Architecture, params, batch_stats, quant: QuantState, images,
+def qat_forward(arch: arch_lib.Architecture, params, batch_stats, quant: QuantState, images,
                 momentum: float = RANGE_EMA):
   """Logits of the fake-quantised, BN-folded network (frozen BN statistics) and the updated ranges.
 
@@ -157,7 +157,7 @@ def qat_forward(arch: space_lib.Architecture, params, batch_stats, quant: QuantS
   return logits, QuantState(ranges=new_ranges, initialized=jnp.ones((), jnp.int32))
 
 
-def fake_quant_logits(arch: space_lib.Architecture, variables, ranges: Mapping[str, jnp.ndarray], images):
+def fake_quant_logits(arch: arch_lib.Architecture, variables, ranges: Mapping[str, jnp.ndarray], images):
   """Inference of the int8-simulated network with fixed ranges (what the exported model should compute)."""
   missing = [n for n in activation_names(arch) if n not in ranges]
   if missing:
@@ -167,7 +167,7 @@ def fake_quant_logits(arch: space_lib.Architecture, variables, ranges: Mapping[s
                                   act_fn=lambda name, y: fake_quant_activation(y, *ranges[range_source(arch, name)]))
 
 
-def calibrate_ranges(arch: space_lib.Architecture, variables, images: np.ndarray, batch_size: int = 256) -> dict:
+def calibrate_ranges(arch: arch_lib.Architecture, variables, images: np.ndarray, batch_size: int = 256) -> dict:
   """Post-training ranges: the min/max of every tensor over `images` (the converter's representative-dataset
   calibration), for a network trained without QAT."""
   folded = model_lib.fold_batchnorm(arch, variables)

@@ -31,12 +31,12 @@ from typing import Iterable, Sequence
 import jax
 import ml_collections
 
+from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
 from edgenas import pareto as pareto_lib
 from edgenas import parallel
 from edgenas import rundir
 from edgenas import search as search_lib
-from edgenas import space as space_lib
 
 SWEEP_FILE = "sweep.json"
 PARETO_FILE = "pareto.json"
@@ -266,7 +266,7 @@ def _member_record(config, workdir: str, m: Member, result: dict) -> dict:
   if "error" in result:
     return record | dict(status="failed", error=result["error"])
   from edgenas.energy import estimate  # the energy model, imported where it is used
-  arch = space_lib.Architecture.load(os.path.join(member_dir(workdir, m), search_lib.ARCH_FILE))
+  arch = arch_lib.Architecture.load(os.path.join(member_dir(workdir, m), search_lib.ARCH_FILE))
   e = estimate.estimate_architecture(arch, m.platform)
   record.update(
       status="searched", arch_hash=arch.hash(), layers=arch.summary()["layers"], macs=arch.macs(),
@@ -325,7 +325,7 @@ class _SupernetScorer:
 
 
 def _retrain_member(config, workdir: str, m: Member, record: dict, run_retrain) -> None:
-  arch = space_lib.Architecture.load(os.path.join(member_dir(workdir, m), search_lib.ARCH_FILE))
+  arch = arch_lib.Architecture.load(os.path.join(member_dir(workdir, m), search_lib.ARCH_FILE))
   report = run_retrain(member_config(config, m), arch, os.path.join(member_dir(workdir, m), RETRAIN_DIR),
                        [m.platform])
   record.update(status="retrained", test_acc=report["test_acc_fake_quant"], test_acc_source="retrained_fake_quant",

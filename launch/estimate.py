@@ -8,7 +8,7 @@ import sys
 from absl import app
 from absl import flags
 
-from edgenas import space as space_lib
+from edgenas import architecture as arch_lib
 from edgenas.energy import estimate
 from edgenas.energy import platform as platform_lib
 from edgenas.energy.errors import EnergyModelError
@@ -26,11 +26,11 @@ def main(argv):
   del argv
   try:
     if FLAGS.model.endswith(".json"):
-      report = estimate.estimate_architecture(space_lib.Architecture.load(FLAGS.model), FLAGS.platform,
+      report = estimate.estimate_architecture(arch_lib.Architecture.load(FLAGS.model), FLAGS.platform,
                                               FLAGS.rate, FLAGS.battery_mwh)
     else:
       report = estimate.estimate_tflite(FLAGS.model, FLAGS.platform, FLAGS.rate, FLAGS.battery_mwh)
-  except (EnergyModelError, space_lib.SpaceError) as e:
+  except (EnergyModelError, arch_lib.ArchitectureError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if not FLAGS.per_operator:

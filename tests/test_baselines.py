@@ -1,8 +1,8 @@
 """Hand-designed reference networks: the paper's MobileNetV2 at full size, its scaled digits variant, DS-CNN."""
 import pytest
 
+from edgenas import architecture as arch_lib
 from edgenas import baselines
-from edgenas import space
 
 
 def _stage_channels(arch):
@@ -16,7 +16,7 @@ def _stage_channels(arch):
 def test_mobilenetv2_at_224_is_the_paper_network():
   arch = baselines.baseline_architecture("mobilenetv2_1.0", (224, 224, 3), 1000)
   assert len(arch.layers) == 17
-  assert arch.stem == space.Stem(32, 3, 2)
+  assert arch.stem == arch_lib.Stem(32, 3, 2)
   assert _stage_channels(arch) == [16, 24, 32, 64, 96, 160, 320]
   assert arch.head_channels == 1280
   assert [l.expansion for l in arch.layers] == [1] + [6] * 16
@@ -58,7 +58,7 @@ def test_16x16_keeps_four_of_the_five_downsamplings():
 
 def test_dscnn_is_a_plain_depthwise_separable_stack():
   arch = baselines.baseline_architecture("dscnn", (8, 8, 1), 10)
-  assert arch.stem == space.Stem(64, 3, 2)
+  assert arch.stem == arch_lib.Stem(64, 3, 2)
   assert len(arch.layers) == 4
   assert all(l.expansion == 1 and l.kernel == 3 and l.out_channels == 64 and not l.expand for l in arch.layers)
   assert arch.head_channels == 0
@@ -69,7 +69,7 @@ def test_baselines_round_trip_through_arch_json(tmp_path):
   for name, arch in baselines.baseline_architectures((8, 8, 1), 10).items():
     path = str(tmp_path / f"{name}.json")
     arch.save(path)
-    loaded = space.Architecture.load(path)
+    loaded = arch_lib.Architecture.load(path)
     assert loaded == arch
     hashes.add(arch.hash())
   assert len(hashes) == 3

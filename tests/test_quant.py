@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edgenas import architecture as arch_lib
 from edgenas import quant
-from edgenas import space
 from edgenas.nn import model
 
 # Stem, an expanding stride-1 residual block, a stride-2 block, and a head conv: every kind of tensor.
-ARCH = space.Architecture((8, 8, 1), 10, space.Stem(8, 3, 1), (
-    space.Layer(space.MBCONV, 8, 8, 1, 3, 3, 24),
-    space.Layer(space.MBCONV, 8, 12, 2, 5, 1, 8),
+ARCH = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(8, 3, 1), (
+    arch_lib.Layer(arch_lib.MBCONV, 8, 8, 1, 3, 3, 24),
+    arch_lib.Layer(arch_lib.MBCONV, 8, 12, 2, 5, 1, 8),
 ), head_channels=16, name="quant-test")
 
 

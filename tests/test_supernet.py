@@ -7,6 +7,7 @@ import pytest
 
 from edgenas import cost as cost_lib
 from edgenas import objective as objective_lib
+from edgenas import optim
 from edgenas import search, space as space_lib
 from edgenas.nn import supernet as sn
 from experiments import tiny
@@ -33,7 +34,7 @@ def make_objective(space, relaxation, **cost_overrides):
   c.cost.update(cost_overrides)
   ocfg = search.objective_config(c, cost_ref=1e5)
   return objective_lib.Objective(space, ocfg, cost_lib.mac_cost, None,
-                                 objective_lib.weight_optimizer(c.weights, 10), objective_lib.arch_optimizer(c.arch))
+                                 optim.weight_optimizer(c.weights, 10), optim.arch_optimizer(c.arch))
 
 
 @pytest.mark.parametrize("relaxation", sn.RELAXATIONS)

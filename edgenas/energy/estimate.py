@@ -15,8 +15,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from edgenas import architecture as arch_lib
 from edgenas import ops as ops_lib
-from edgenas import space as space_lib
 from edgenas.energy import features as features_lib
 from edgenas.energy import lut as lut_lib
 from edgenas.energy import memory as memory_lib
@@ -141,7 +141,7 @@ def _platform(platform) -> platform_lib.Platform:
   return platform_lib.load_platform(platform) if isinstance(platform, str) else platform
 
 
-def estimate_architecture(arch: space_lib.Architecture, platform, rate_hz: float | None = None,
+def estimate_architecture(arch: arch_lib.Architecture, platform, rate_hz: float | None = None,
                           battery_mwh: float | None = None) -> dict:
   """Report for a derived network (see module docstring); `platform` is a Platform or a name/path."""
   platform = _platform(platform)

@@ -18,6 +18,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from edgenas import architecture as arch_lib
 from edgenas import cost as cost_lib
 from edgenas import ops as ops_lib
 from edgenas import space as space_lib
@@ -40,7 +41,7 @@ def graph_overhead_bytes(op_specs: Sequence[ops_lib.OpSpec]):
   return FLASH_BASE_BYTES + FLASH_PER_CHANNEL_BYTES * _quantized_channels(op_specs)
 
 
-def architecture_memory(arch: space_lib.Architecture) -> dict:
+def architecture_memory(arch: arch_lib.Architecture) -> dict:
   """Exact peak SRAM and flash of a derived network, in bytes."""
   weights = arch.weight_bytes()
   overhead = int(round(graph_overhead_bytes(arch.ops())))
@@ -101,7 +102,7 @@ def block_live_bytes(h: int, w: int, c, stride: int, out_c, hidden, expand: bool
 
 
 def _candidate_live(slot: space_lib.LayerSlot, cand: space_lib.Candidate, gate_frac, temperature):
-  if cand.op == space_lib.SKIP:
+  if cand.op == arch_lib.SKIP:
     return jnp.zeros(())
   expand = cand.expansion != 1
   hidden = slot.hidden_max(cand) * gate_frac if expand else slot.in_channels

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from edgenas import architecture as arch_lib
 from edgenas import space as space_lib
 from edgenas.nn.depthwise import depthwise_conv
 from edgenas.nn.model import conv2d, global_avg_pool, pointwise, relu6
@@ -44,7 +45,7 @@ ArchParams = dict
 
 def n_gate_groups(slot: space_lib.LayerSlot, cand: space_lib.Candidate, gate_group: int) -> int:
   """Gated candidates are the expanding MBConvs; the others have no gates."""
-  if cand.op != space_lib.MBCONV or cand.expansion == 1:
+  if cand.op != arch_lib.MBCONV or cand.expansion == 1:
     return 0
   return math.ceil(slot.hidden_max(cand) / gate_group)
 
@@ -160,7 +161,7 @@ class MixedOp(nn.Module):
     cand_cls = nn.remat(MBConvCandidate) if self.relaxation == "gumbel" else MBConvCandidate
     self.cands = [
         cand_cls(self.slot.out_channels, c.kernel, c.expansion, self.slot.stride, self.slot.residual_ok,
-                 self.gate_group, name=f"cand_{j}_{c.name}") if c.op == space_lib.MBCONV else None
+                 self.gate_group, name=f"cand_{j}_{c.name}") if c.op == arch_lib.MBCONV else None
         for j, c in enumerate(self.slot.candidates)
     ]
 
@@ -233,7 +234,7 @@ def zero_one_loss(arch: ArchParams) -> jnp.ndarray:
 
 
 def derive(space: space_lib.SearchSpace, arch: ArchParams, relaxation: str, name: str = ""
-           ) -> space_lib.Architecture:
+           ) -> arch_lib.Architecture:
   """The discrete network: the most probable candidate per layer (argmax of α, which is also the argmax of
   σ(α) for FairDARTS) and, inside it, the channels whose deterministic gate is open (> 0.5), rounded up to the
   space's channel divisor and never above the candidate's width."""
