@@ -3,6 +3,7 @@ run in the real TFLite Micro interpreter over the test split, budgets, C sources
 are installed) the model array compiled for Cortex-M7 and RV32."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,25 +14,28 @@ import numpy as np
 import optax
 import pytest
 
+from edgenas import architecture as arch_lib
 from edgenas import data as data_lib
 from edgenas import quant as quant_lib
-from edgenas import space as space_lib
 from edgenas import train as train_lib
 from edgenas.energy import platform as platform_lib
-from edgenas.export import convert, errors, exporter, verify
+from edgenas.export import convert, errors, exporter, resolver, verify
 from edgenas.nn import model as model_lib
 from conftest import require_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLATFORM = "stm32l4r5_tflm"
 TRAIN_STEPS = 400
+# Every operator the exporter and the lookup-table programs write (and a few the converter may add).
+EXPORTER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D",
+                "RESHAPE", "SOFTMAX", "MEAN", "PAD", "QUANTIZE", "DEQUANTIZE", "MUL", "SUM")
 
 
 def tiny_arch():
   """Stem, an expanding residual block and a strided block without expansion: every operator kind we export."""
-  return space_lib.Architecture(
-      (8, 8, 1), 10, space_lib.Stem(16, 3, 1),
-      (space_lib.Layer("mbconv", 16, 16, 1, 3, 3, 48), space_lib.Layer("mbconv", 16, 24, 2, 3, 1, 16)), 0, "tiny")
+  return arch_lib.Architecture(
+      (8, 8, 1), 10, arch_lib.Stem(16, 3, 1),
+      (arch_lib.Layer("mbconv", 16, 16, 1, 3, 3, 48), arch_lib.Layer("mbconv", 16, 24, 2, 3, 1, 16)), 0, "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +159,8 @@ def test_c_sources_register_exactly_the_model_ops(exported):
   ops_h = open(os.path.join(out, "model_ops.h")).read()
   registered = [line.split("resolver.")[1].split("(")[0] for line in ops_h.splitlines() if "resolver.Add" in line]
   assert registered == [s["tflm_resolver"] for s in report["op_summary"]]
+  for s in report["op_summary"]:  # each registration notes the versions the model uses
+    assert re.search(rf"resolver\.{s['tflm_resolver']}\(\).*// .*{s['op']} v{s['version']} x{s['count']}", ops_h)
   assert f"MicroMutableOpResolver<kEdgenasNumOps>" in ops_h and f"kEdgenasNumOps = {len(registered)}" in ops_h
   header = open(os.path.join(out, "model_data.h")).read()
   assert f"kEdgenasArenaBytes = {report['arena']['device_arena_bytes']};" in header
@@ -197,15 +203,17 @@ def test_model_data_compiles_for_the_mcu(exported, tmp_path, target):
   assert rodata and all(l.split()[-1] in ("2**4", "2**5", "2**6") for l in rodata)
 
 
-def test_tflite_lowering_computes_the_same_network(trained, dataset):
+def test_export_ops_compute_the_same_network_as_one_conv_per_operator(trained, dataset):
   arch, variables = trained
   folded = model_lib.fold_batchnorm(arch, variables)
   x = jnp.asarray(dataset.test.images[:16])
   reference = model_lib.forward_folded(arch, folded, x)
-  with convert.tflite_lowering():
-    lowered = jax.jit(convert.inference_fn(arch, folded))(x)
-  assert model_lib.pointwise is not convert._pointwise_as_conv  # restored on exit
+  lowered = jax.jit(convert.inference_fn(arch, folded))(x)
   np.testing.assert_allclose(np.asarray(lowered), np.asarray(reference), rtol=1e-4, atol=1e-4)
+  # What the converter sees: one conv per conv-type operator, the classifier the only matmul.
+  traced = str(jax.make_jaxpr(convert.inference_fn(arch, folded))(x))
+  assert traced.count("conv_general_dilated[") == len(model_lib.op_names(arch)) and traced.count("dot_general[") == 1
+  assert model_lib.TRAIN_OPS.pointwise is model_lib.pointwise  # the default path is left as it was
 
 
 def test_over_budget_fails_naming_the_budget_and_keeps_earlier_files(trained, dataset, tmp_path):
@@ -267,10 +275,84 @@ def test_operator_without_tflm_kernel_or_float_tensor_is_named(exported):
   unknown[2]["op"] = "RFFT2D"
   with pytest.raises(errors.UnsupportedOpError, match=r"operator 2 \(RFFT2D v\d+\): TensorFlow Lite Micro has no"):
     verify.check_tflm_ops(unknown)
+  # An operator the table of the TFLM in use lacks: one line naming the operator, its version and the table.
+  only_conv = resolver.ResolverTable({"CONV_2D": "AddConv2D"}, "a test table")
+  with pytest.raises(errors.UnsupportedOpError) as e:
+    verify.check_tflm_ops(ops, only_conv)
+  assert re.fullmatch(rf"operator 0 \(DEPTHWISE_CONV_2D v{ops[0]['version']}\): TensorFlow Lite Micro has no kernel "
+                      r"for DEPTHWISE_CONV_2D \(no MicroMutableOpResolver method in a test table registers it\); .*",
+                      str(e.value))
   floats = [dict(o) for o in ops]
   floats[0]["outputs"] = ["FLOAT32"]
   with pytest.raises(errors.UnsupportedOpError, match="FLOAT32 tensors"):
     verify.check_tflm_ops(floats)
+
+
+def pinned_tflm_dir(monkeypatch):
+  """The pinned TFLM tree (TFLM_DIR unset); skips outside CI where it is missing."""
+  from edgenas.device import errors as device_errors
+  from edgenas.device import tflm
+  monkeypatch.delenv("TFLM_DIR", raising=False)
+  try:
+    return tflm.resolve_tflm_dir(log=lambda line: None)
+  except device_errors.ToolchainMissingError as e:
+    if os.environ.get("CI"):
+      raise
+    pytest.skip(str(e))
+
+
+def test_resolver_methods_are_tflms_own_for_every_exported_op(monkeypatch):
+  tree = pinned_tflm_dir(monkeypatch)
+  with open(os.path.join(tree, resolver.HEADER)) as f:
+    header = f.read()
+  recorded = resolver.table()  # no TFLM_DIR: the table recorded from the pinned tree, used without TFLM sources
+  assert dict(recorded.methods) == resolver.from_tflm(tree).methods, \
+      "tflm_resolver_methods.json is stale: python -m edgenas.export.resolver"
+  for op in EXPORTER_OPS:
+    method = recorded.methods[op]
+    body = header.split(f"TfLiteStatus {method}(", 1)[1].split("TfLiteStatus ", 1)[0]
+    assert re.search(rf"AddBuiltin\(\s*BuiltinOperator_{op},", body), (op, method)  # registers this very operator
+  # TFLM's generator spells some names by a rule; the header's are what compiles.
+  assert recorded.methods["CUMSUM"] == "AddCumSum" and recorded.methods["PADV2"] == "AddPadV2"
+
+
+def test_tflm_dir_supplies_the_resolver_table(tmp_path, monkeypatch):
+  tree = tmp_path / "tflm"
+  (tree / resolver.HEADER).parent.mkdir(parents=True)
+  (tree / resolver.HEADER).write_text(
+      "class MicroMutableOpResolver {\n public:\n  TfLiteStatus AddConv2D(\n"
+      "      const TFLMRegistration& registration = Register_CONV_2D()) {\n"
+      "    return AddBuiltin(BuiltinOperator_CONV_2D, registration, ParseConv2D);\n  }\n"
+      "  // TfLiteStatus AddMean() is not here\n};\n")
+  monkeypatch.setenv("TFLM_DIR", str(tree))
+  table = resolver.table()
+  assert table.methods == {"CONV_2D": "AddConv2D"} and table.source == str(tree / resolver.HEADER)
+  monkeypatch.setenv("TFLM_DIR", str(tmp_path / "nowhere"))
+  with pytest.raises(errors.ExportError, match=r"TFLM_DIR=.*nowhere has no tensorflow/lite/micro/micro_mutable_op"):
+    resolver.table()
+
+
+def test_device_program_resolver_comes_from_the_tflm_tree_it_builds_with(exported, tmp_path, monkeypatch):
+  """The device program checks the model against the header of the tree it compiles, not the recorded table."""
+  from edgenas.device import runner, tflm
+  pinned_tflm_dir(monkeypatch)
+  out, report = exported
+  flatbuffer = read_model(out)
+  host = verify.TflmRunner(flatbuffer)
+  inputs = np.zeros((1,) + tuple(int(d) for d in host.input["shape"][1:]), np.int8)
+  args = (flatbuffer, host, inputs, host.run_int8(inputs), [-1], 65536, "tiny")
+  runner.write_program(str(tmp_path / "pinned"), *args)
+  ops_h = (tmp_path / "pinned" / "model_ops.h").read_text()
+  assert [l.split("resolver.")[1].split("(")[0] for l in ops_h.splitlines() if "resolver.Add" in l] == \
+      [s["tflm_resolver"] for s in report["op_summary"]]
+  tree = tmp_path / "tflm"  # a tree whose resolver has only CONV_2D
+  for path in (tflm.TREE_GENERATOR, resolver.HEADER):
+    (tree / path).parent.mkdir(parents=True, exist_ok=True)
+  (tree / tflm.TREE_GENERATOR).write_text("")
+  (tree / resolver.HEADER).write_text("TfLiteStatus AddConv2D() { return AddBuiltin(BuiltinOperator_CONV_2D, r); }\n")
+  monkeypatch.setenv("TFLM_DIR", str(tree))
+  with pytest.raises(errors.UnsupportedOpError, match=rf"DEPTHWISE_CONV_2D v\d+\): .* in {re.escape(str(tree))}"):
+    runner.write_program(str(tmp_path / "other"), *args)
 
 
 def test_missing_export_extra_names_the_install_command():

@@ -4,13 +4,14 @@
 gradient) -> `tf.function` -> `TFLiteConverter.from_concrete_functions` with full-integer int8 quantization
 (int8 kernels only, int8 input and output, calibrated on training images) -> tensor names stripped.
 
-Two things are fixed while the network is traced for conversion (`tflite_lowering`):
-  - 1x1 convolutions become `lax.conv_general_dilated`. `forward_folded` writes them as an einsum (fast on CPU),
-    which the converter turns into FULLY_CONNECTED over 4-D tensors; as CONV_2D they get the same per-channel
-    weights, CMSIS-NN's 1x1 fast path, and match `Architecture.ops()` and the platform tables that price them.
+The network is traced for conversion with `forward_folded(..., ops=model_lib.EXPORT_OPS)`, which differs from the
+training path (`TRAIN_OPS`) in two operators:
+  - 1x1 convolutions are `lax.conv_general_dilated`. Training writes them as an einsum (fast on CPU), which the
+    converter turns into FULLY_CONNECTED over 4-D tensors; as CONV_2D they get the same per-channel weights,
+    CMSIS-NN's 1x1 fast path, and match `Architecture.ops()` and the platform tables that price them.
   - the depthwise runs its "lax" grouped convolution (one DEPTHWISE_CONV_2D) instead of the CPU fast path
     (k*k shifted multiply-adds, which would convert into dozens of MUL/ADD operators).
-Both are the same arithmetic; `tests/test_export.py` checks the traced function against `forward_folded`.
+Both are the same arithmetic; `tests/test_export.py` checks the two forward passes agree.
 
 Activation ranges from QAT are respected exactly (`apply_ranges`): after conversion, every tensor the network
 materialises, the input included, gets the scale and zero point QAT used for it (`quant.activation_qparams` of
@@ -25,17 +26,14 @@ TensorFlow and LiteRT are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edgenas import space as space_lib
+from edgenas import architecture as arch_lib
 from edgenas.export import errors
-from edgenas.nn import depthwise as depthwise_lib
 from edgenas.nn import model as model_lib
 
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -45,28 +43,12 @@ _OP_OF_TENSOR = (("_expand", ("CONV_2D",)), ("_dw", ("DEPTHWISE_CONV_2D",)), ("_
 _BIASED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def _pointwise_as_conv(x, w):
-  return model_lib.conv2d(x, w[None, None], 1)
+def inference_fn(arch: arch_lib.Architecture, folded: dict) -> Callable:
+  """images -> logits of the BN-folded float network, traced into operators TFLite has one kernel for."""
+  return lambda x: model_lib.forward_folded(arch, folded, x, ops=model_lib.EXPORT_OPS)
 
 
-@contextlib.contextmanager
-def tflite_lowering():
-  """Within this block, `forward_folded` traces into operators TFLite has one kernel for (see module doc)."""
-  saved = model_lib.pointwise, model_lib.depthwise_conv
-  model_lib.pointwise = _pointwise_as_conv
-  model_lib.depthwise_conv = functools.partial(depthwise_lib.depthwise_conv, impl="lax")
-  try:
-    yield
-  finally:
-    model_lib.pointwise, model_lib.depthwise_conv = saved
-
-
-def inference_fn(arch: space_lib.Architecture, folded: dict) -> Callable:
-  """images -> logits of the BN-folded float network."""
-  return lambda x: model_lib.forward_folded(arch, folded, x)
-
-
-def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np.ndarray,
+def to_tflite(arch: arch_lib.Architecture, folded: dict, calibration_images: np.ndarray,
               act_ranges: Optional[Mapping] = None) -> bytes:
   """Full-integer int8 flatbuffer of the folded network, calibrated on `calibration_images` (N, H, W, C)."""
   tf = errors.require("tensorflow", "the TFLite converter")
@@ -78,12 +60,10 @@ def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np
   if len(images) == 0:
     raise errors.ExportError("no calibration images: the representative dataset is empty")
   folded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), folded)
-  with tflite_lowering():
-    fn = inference_fn(arch, folded)
-    # Batch 1 is what the device runs; a fixed shape keeps every tensor static for TFLM.
-    tf_fn = tf.function(jax2tf.convert(fn, with_gradient=False), autograph=False,
-                        input_signature=[tf.TensorSpec((1,) + tuple(arch.input_shape), tf.float32)])
-    concrete = tf_fn.get_concrete_function()
+  # Batch 1 is what the device runs; a fixed shape keeps every tensor static for TFLM.
+  tf_fn = tf.function(jax2tf.convert(inference_fn(arch, folded), with_gradient=False), autograph=False,
+                      input_signature=[tf.TensorSpec((1,) + tuple(arch.input_shape), tf.float32)])
+  concrete = tf_fn.get_concrete_function()
 
   def representative():
     for i in range(len(images)):
@@ -105,7 +85,7 @@ def to_tflite(arch: space_lib.Architecture, folded: dict, calibration_images: np
   return strip_names(flatbuffer)
 
 
-def _expected_ops(arch: space_lib.Architecture) -> list[tuple[str, tuple[str, ...]]]:
+def _expected_ops(arch: arch_lib.Architecture) -> list[tuple[str, tuple[str, ...]]]:
   """(tensor name, TFLite operators that may produce it) in execution order. The stem may be a depthwise conv:
   the converter writes a conv over one input channel as DEPTHWISE_CONV_2D with a channel multiplier."""
   from edgenas import quant as quant_lib
@@ -124,7 +104,7 @@ def _expected_ops(arch: space_lib.Architecture) -> list[tuple[str, tuple[str, ..
   return out
 
 
-def apply_ranges(flatbuffer: bytes, arch: space_lib.Architecture, ranges: Mapping) -> bytes:
+def apply_ranges(flatbuffer: bytes, arch: arch_lib.Architecture, ranges: Mapping) -> bytes:
   """The model with every activation tensor quantised on the grid QAT used for it (see the module docstring);
   the converted operators must match `arch` one to one, else ExportError names the first that does not."""
   from edgenas import quant as quant_lib

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edgenas import architecture as arch_lib
 from edgenas import data as data_lib
 from edgenas import rundir
-from edgenas import space as space_lib
 from edgenas.export import convert
 from edgenas.export import csource
 from edgenas.export import errors
@@ -46,7 +46,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def float_logits(arch: space_lib.Architecture, folded: dict, images: np.ndarray, weight_fn=None,
+def float_logits(arch: arch_lib.Architecture, folded: dict, images: np.ndarray, weight_fn=None,
                  act_fn=None) -> np.ndarray:
   """Logits of the BN-folded float network (what the converter starts from), in batches."""
   fn = jax.jit(lambda x: model_lib.forward_folded(arch, folded, x, weight_fn=weight_fn, act_fn=act_fn))
@@ -54,7 +54,7 @@ def float_logits(arch: space_lib.Architecture, folded: dict, images: np.ndarray,
   return np.concatenate(out) if out else np.zeros((0, arch.num_classes), np.float32)
 
 
-def fake_quant_predictions(arch: space_lib.Architecture, variables, ranges: Mapping, images) -> np.ndarray:
+def fake_quant_predictions(arch: arch_lib.Architecture, variables, ranges: Mapping, images) -> np.ndarray:
   """Argmax of the int8-simulated network QAT trained (edgenas.quant), for the comparison with TFLM."""
   from edgenas import quant as quant_lib
   fn = jax.jit(lambda x: quant_lib.fake_quant_logits(arch, variables, ranges, x))
@@ -98,7 +98,7 @@ def _platform_entry(platform, estimate: dict, arena_bytes: int) -> dict:
   return entry
 
 
-def _existing_report(out_dir: str, arch: space_lib.Architecture, platforms: Sequence[str],
+def _existing_report(out_dir: str, arch: arch_lib.Architecture, platforms: Sequence[str],
                      log: Callable[[str], None]) -> Optional[dict]:
   """A finished export of the same network for the same platforms (returned as is), or None. An export whose
   checks failed is redone; a finished export of anything else is never overwritten silently."""
@@ -135,7 +135,7 @@ def _accuracy_checks(int8_acc: float, float_acc: float, fq_acc: Optional[float],
   return checks
 
 
-def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Dataset, out_dir: str,
+def export_model(arch: arch_lib.Architecture, variables, dataset: data_lib.Dataset, out_dir: str,
                  platforms: Sequence[str] = ("stm32l4r5_tflm",), quant_state: Optional[Mapping] = None, *,
                  calibration_images: int = convert.DEFAULT_CALIBRATION_IMAGES, eval_limit: Optional[int] = None,
                  seed: int = 0, strict: bool = True, cpu: str = "cortex-m7+fp", riscv_arch: str = "rv32imac",
@@ -218,7 +218,7 @@ def export_model(arch: space_lib.Architecture, variables, dataset: data_lib.Data
     sources = csource.model_data_sources(flatbuffer, device_arena, runner.input_qparams, runner.output_qparams,
                                          arch.input_shape, arch.num_classes, runner.quantize_input(images[:n_samples]),
                                          int8_out[:n_samples], [int(v) for v in labels[:n_samples]], model_name)
-    sources.update(csource.build_sources([s["tflm_resolver"] for s in summary], model_name, cpu, riscv_arch))
+    sources.update(csource.build_sources(summary, model_name, cpu, riscv_arch))
     csource.write_sources(staging, sources)
     tflite_sram = next(iter(estimates.values()))["peak_sram_bytes"]
     arch_sram = arch.peak_activation_bytes()
@@ -372,7 +372,7 @@ def export_workdir(workdir: str, platforms: Sequence[str] = (), out_dir: Optiona
                       quant_state=ranges if qat else None, seed=config.get("seed", 0), extra=extra, **kwargs)
 
 
-def load_checkpoint(arch: space_lib.Architecture, directory: str) -> tuple[dict, dict]:
+def load_checkpoint(arch: arch_lib.Architecture, directory: str) -> tuple[dict, dict]:
   """(variables, activation ranges) from an orbax directory written by `edgenas.train.save_final` (a retrain's
   `final/`), checked against `arch`."""
   from edgenas import checkpoint as ckpt_lib
@@ -398,7 +398,7 @@ def export_checkpoint(arch_path: str, checkpoint_dir: str, config, out_dir: str,
   `config` (its dataset, data_dir, image_size, val_fraction and seed fields)."""
   from edgenas import search as search_lib
 
-  arch = space_lib.Architecture.load(arch_path)
+  arch = arch_lib.Architecture.load(arch_path)
   variables, ranges = load_checkpoint(arch, checkpoint_dir)
   dataset = search_lib.load_data(config)
   return export_model(arch, variables, dataset, out_dir, platforms, quant_state=ranges if qat_ranges else None,

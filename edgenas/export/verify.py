@@ -1,8 +1,9 @@
 """Checks an int8 `.tflite` the way the device will run it: in the TFLite Micro interpreter (PyPI `tflite-micro`).
 
 - `model_ops`: every operator with its builtin name, version and tensor types, read from the flatbuffer;
-- `check_tflm_ops`: every operator has a TFLite Micro kernel and every arena tensor is int8 (else
-  UnsupportedOpError naming the operator);
+- `check_tflm_ops`: every operator has a TFLite Micro kernel (a `MicroMutableOpResolver` method in the table
+  `edgenas.export.resolver` reads from TFLM's own header; that module says why, and what of op versions) and
+  every arena tensor is int8 (else UnsupportedOpError naming the operator and its version);
 - `TflmRunner`: the TFLM interpreter over a batch of float images (quantised with the model's input parameters)
   -> int8 logits, dequantised logits and predictions;
 - `measure_arena`: the arena bytes TFLM's recording allocator reports after one inference (head + tail), checked
@@ -23,35 +24,8 @@ from typing import Iterator
 import numpy as np
 
 from edgenas.export import errors
+from edgenas.export import resolver as resolver_lib
 
-# TFLite builtin operator -> the `tflite::MicroMutableOpResolver` method that registers its TFLM kernel.
-TFLM_RESOLVER_METHODS = {
-    "ABS": "AddAbs", "ADD": "AddAdd", "ADD_N": "AddAddN", "ARG_MAX": "AddArgMax", "ARG_MIN": "AddArgMin",
-    "AVERAGE_POOL_2D": "AddAveragePool2D", "BATCH_MATMUL": "AddBatchMatMul",
-    "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd", "BROADCAST_TO": "AddBroadcastTo", "CAST": "AddCast",
-    "CEIL": "AddCeil", "CONCATENATION": "AddConcatenation", "CONV_2D": "AddConv2D", "COS": "AddCos",
-    "CUMSUM": "AddCumSum", "DEPTH_TO_SPACE": "AddDepthToSpace", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D",
-    "DEQUANTIZE": "AddDequantize", "DIV": "AddDiv", "ELU": "AddElu", "EQUAL": "AddEqual", "EXP": "AddExp",
-    "EXPAND_DIMS": "AddExpandDims", "FILL": "AddFill", "FLOOR": "AddFloor", "FLOOR_DIV": "AddFloorDiv",
-    "FLOOR_MOD": "AddFloorMod", "FULLY_CONNECTED": "AddFullyConnected", "GATHER": "AddGather",
-    "GATHER_ND": "AddGatherNd", "GREATER": "AddGreater", "GREATER_EQUAL": "AddGreaterEqual",
-    "HARD_SWISH": "AddHardSwish", "L2_NORMALIZATION": "AddL2Normalization", "L2_POOL_2D": "AddL2Pool2D",
-    "LEAKY_RELU": "AddLeakyRelu", "LESS": "AddLess", "LESS_EQUAL": "AddLessEqual", "LOG": "AddLog",
-    "LOG_SOFTMAX": "AddLogSoftmax", "LOGICAL_AND": "AddLogicalAnd", "LOGICAL_NOT": "AddLogicalNot",
-    "LOGICAL_OR": "AddLogicalOr", "LOGISTIC": "AddLogistic", "MAX_POOL_2D": "AddMaxPool2D",
-    "MAXIMUM": "AddMaximum", "MEAN": "AddMean", "MINIMUM": "AddMinimum", "MIRROR_PAD": "AddMirrorPad",
-    "MUL": "AddMul", "NEG": "AddNeg", "NOT_EQUAL": "AddNotEqual", "PACK": "AddPack", "PAD": "AddPad",
-    "PADV2": "AddPadV2", "PRELU": "AddPrelu", "QUANTIZE": "AddQuantize", "REDUCE_MAX": "AddReduceMax",
-    "REDUCE_MIN": "AddReduceMin", "RELU": "AddRelu", "RELU6": "AddRelu6", "RESHAPE": "AddReshape",
-    "RESIZE_BILINEAR": "AddResizeBilinear", "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor",
-    "ROUND": "AddRound", "RSQRT": "AddRsqrt", "SELECT_V2": "AddSelectV2", "SHAPE": "AddShape", "SIN": "AddSin",
-    "SLICE": "AddSlice", "SOFTMAX": "AddSoftmax", "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd",
-    "SPACE_TO_DEPTH": "AddSpaceToDepth", "SPLIT": "AddSplit", "SPLIT_V": "AddSplitV", "SQRT": "AddSqrt",
-    "SQUARE": "AddSquare", "SQUARED_DIFFERENCE": "AddSquaredDifference", "SQUEEZE": "AddSqueeze",
-    "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub", "SUM": "AddSum", "SVDF": "AddSvdf", "TANH": "AddTanh",
-    "TRANSPOSE": "AddTranspose", "TRANSPOSE_CONV": "AddTransposeConv", "UNPACK": "AddUnpack",
-    "ZEROS_LIKE": "AddZerosLike",
-}
 # Operators CMSIS-NN has optimised int8 kernels for (the rest run TFLM's reference kernels on Cortex-M too).
 CMSIS_NN_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "AVERAGE_POOL_2D",
                           "MAX_POOL_2D", "SOFTMAX", "SVDF", "TRANSPOSE_CONV", "UNIDIRECTIONAL_SEQUENCE_LSTM"})
@@ -102,13 +76,16 @@ def model_ops(flatbuffer: bytes) -> list[dict]:
   return out
 
 
-def check_tflm_ops(ops: list[dict]) -> None:
-  """Raises UnsupportedOpError naming the first operator TFLM has no kernel for, or a non-int8 tensor."""
+def check_tflm_ops(ops: list[dict], table: resolver_lib.ResolverTable | None = None) -> None:
+  """Raises UnsupportedOpError naming the first operator TFLM has no kernel for, or a non-int8 tensor. `table`:
+  the TFLM to check against (default `resolver.table()`: $TFLM_DIR's, else the pinned one's)."""
+  table = resolver_lib.table() if table is None else table
   for o in ops:
     where = f"operator {o['index']} ({o['op']} v{o['version']})"
-    if o["op"] not in TFLM_RESOLVER_METHODS:
-      raise errors.UnsupportedOpError(f"{where}: TensorFlow Lite Micro has no kernel for {o['op']}; change the "
-                                      "network so it converts without it")
+    if o["op"] not in table.methods:
+      raise errors.UnsupportedOpError(f"{where}: TensorFlow Lite Micro has no kernel for {o['op']} (no "
+                                      f"MicroMutableOpResolver method in {table.source} registers it); change "
+                                      "the network so it converts without it")
     bad = [t for t in o["inputs"] + o["outputs"] if t != "INT8"]
     bad += [t for t in o["constant_inputs"] if t not in CONSTANT_TYPES]
     if bad:
@@ -116,13 +93,15 @@ def check_tflm_ops(ops: list[dict]) -> None:
                                       "for the MCU needs int8 activations (int8 weights, int32 biases)")
 
 
-def op_summary(ops: list[dict]) -> list[dict]:
-  """Distinct (op, version) pairs with counts, in first-use order: what the resolver registers."""
+def op_summary(ops: list[dict], table: resolver_lib.ResolverTable | None = None) -> list[dict]:
+  """Distinct (op, version) pairs with counts and the resolver method of each (None where `table` has none), in
+  first-use order: what the resolver registers. TFLM registers kernels per operator: versions are for the record."""
+  table = resolver_lib.table() if table is None else table
   seen: dict[tuple[str, int], dict] = {}
   for o in ops:
     key = (o["op"], o["version"])
     if key not in seen:
-      seen[key] = dict(op=o["op"], version=o["version"], count=0, tflm_resolver=TFLM_RESOLVER_METHODS.get(o["op"]),
+      seen[key] = dict(op=o["op"], version=o["version"], count=0, tflm_resolver=table.methods.get(o["op"]),
                        cmsis_nn_kernel=o["op"] in CMSIS_NN_OPS)
     seen[key]["count"] += 1
   return list(seen.values())

@@ -6,16 +6,22 @@ Dense over the channel axis (cheap on CPU, vmappable), depthwise through `edgena
 `fold_batchnorm` turns trained variables into per-operator (weight, bias) pairs exactly as the int8 model holds
 them, and `forward_folded` runs that folded network. Quantization-aware training and the exporter both go through
 `forward_folded`, so what QAT learns is what the exporter converts: the fold is written once.
+
+`forward_folded(..., ops=...)` picks the implementations of the 1x1 and depthwise convolutions: `TRAIN_OPS` (the
+default) are the fast ones of the backend, `EXPORT_OPS` the same arithmetic written as the primitives jax2tf and
+the TFLite converter turn into one CONV_2D / DEPTHWISE_CONV_2D each (see `edgenas.export.convert`).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from edgenas import space as space_lib
+from edgenas import architecture as arch_lib
 from edgenas.nn.depthwise import depthwise_conv
 
 BN_MOMENTUM = 0.9
@@ -34,6 +40,25 @@ def conv2d(x, w, stride: int):
 def pointwise(x, w):
   """1x1 conv as a matmul over channels."""
   return jnp.einsum("nhwc,cd->nhwd", x, w)
+
+
+def _pointwise_as_conv(x, w):
+  """1x1 conv as `lax.conv_general_dilated`: the same arithmetic as `pointwise`, but it converts to CONV_2D
+  (an einsum converts to FULLY_CONNECTED over 4-D tensors)."""
+  return conv2d(x, w[None, None], 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+  """The implementations `forward_folded` computes its 1x1 and depthwise convolutions with."""
+  pointwise: Callable  # (x (N, H, W, Cin), w (Cin, Cout)) -> (N, H, W, Cout)
+  depthwise: Callable  # (x (N, H, W, C), w (k, k, C), stride) -> (N, H', W', C)
+
+
+# The fastest form on the backend: an einsum, and the depthwise "auto" impl (k*k shifted adds on CPU).
+TRAIN_OPS = Ops(pointwise=pointwise, depthwise=depthwise_conv)
+# What the TFLite converter lowers to one operator each: a conv for 1x1, a grouped conv for depthwise.
+EXPORT_OPS = Ops(pointwise=_pointwise_as_conv, depthwise=functools.partial(depthwise_conv, impl="lax"))
 
 
 def global_avg_pool(x):
@@ -69,14 +94,14 @@ class ConvBN(nn.Module):
 
 
 class Net(nn.Module):
-  arch: space_lib.Architecture
+  arch: arch_lib.Architecture
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     a = self.arch
     x = relu6(ConvBN("conv", a.stem.channels, a.stem.kernel, a.stem.stride, name="stem")(x, train))
     for i, l in enumerate(a.layers):
-      if l.op == space_lib.SKIP:
+      if l.op == arch_lib.SKIP:
         continue
       inp = x
       if l.expand:
@@ -91,11 +116,11 @@ class Net(nn.Module):
     return nn.Dense(a.num_classes, name="classifier")(x)
 
 
-def op_names(arch: space_lib.Architecture) -> list[str]:
+def op_names(arch: arch_lib.Architecture) -> list[str]:
   """Names of the conv-type operators of `Net(arch)`, in execution order (keys of the folded params)."""
   names = ["stem"]
   for i, l in enumerate(arch.layers):
-    if l.op == space_lib.SKIP:
+    if l.op == arch_lib.SKIP:
       continue
     if l.expand:
       names.append(f"layers_{i}_expand")
@@ -105,7 +130,7 @@ def op_names(arch: space_lib.Architecture) -> list[str]:
   return names
 
 
-def fold_batchnorm(arch: space_lib.Architecture, variables) -> dict:
+def fold_batchnorm(arch: arch_lib.Architecture, variables) -> dict:
   """{op name: {"w", "b"}} with BatchNorm's running statistics folded into each conv's weight and bias.
 
   The output-channel axis is the last axis of every weight (HWIO, (Cin, Cout), (k, k, C)), so the per-channel
@@ -125,11 +150,12 @@ WeightFn = Callable[[str, jnp.ndarray], jnp.ndarray]
 ActFn = Callable[[str, jnp.ndarray], jnp.ndarray]
 
 
-def forward_folded(arch: space_lib.Architecture, folded: dict, x, weight_fn: Optional[WeightFn] = None,
-                   act_fn: Optional[ActFn] = None):
+def forward_folded(arch: arch_lib.Architecture, folded: dict, x, weight_fn: Optional[WeightFn] = None,
+                   act_fn: Optional[ActFn] = None, ops: Ops = TRAIN_OPS):
   """The BN-folded network. `weight_fn(name, w)` and `act_fn(name, y)` are hooks for fake quantization:
   weights are passed per operator, activations at every tensor the int8 model materialises (the input, every
-  operator output after its fused ReLU6, every residual sum, the pooled vector and the logits)."""
+  operator output after its fused ReLU6, every residual sum, the pooled vector and the logits). `ops`: how the
+  1x1 and depthwise convolutions are computed (`TRAIN_OPS` or `EXPORT_OPS`)."""
   wq = weight_fn or (lambda name, w: w)
   aq = act_fn or (lambda name, y: y)
 
@@ -139,16 +165,16 @@ def forward_folded(arch: space_lib.Architecture, folded: dict, x, weight_fn: Opt
     if kind == "conv":
       y = conv2d(x, w, stride)
     elif kind == "pointwise":
-      y = pointwise(x, w)
+      y = ops.pointwise(x, w)
     else:
-      y = depthwise_conv(x, w, stride)
+      y = ops.depthwise(x, w, stride)
     y = y + p["b"]
     return aq(name, relu6(y) if act else y)
 
   x = aq("input", x)
   x = op("stem", x, "conv", arch.stem.stride)
   for i, l in enumerate(arch.layers):
-    if l.op == space_lib.SKIP:
+    if l.op == arch_lib.SKIP:
       continue
     inp = x
     if l.expand:
@@ -164,7 +190,7 @@ def forward_folded(arch: space_lib.Architecture, folded: dict, x, weight_fn: Opt
   return aq("classifier", x @ wq("classifier", p["w"]) + p["b"])
 
 
-def init_net(arch: space_lib.Architecture, rng) -> dict:
+def init_net(arch: arch_lib.Architecture, rng) -> dict:
   """Variables of `Net(arch)`, initialised under jit (eager Flax init is slow for many layers)."""
   net = Net(arch)
   x = jnp.zeros((1,) + tuple(arch.input_shape), jnp.float32)
