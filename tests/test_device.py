@@ -144,6 +144,46 @@ def test_launcher_reports_one_line_for_a_missing_qemu(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("target,expected", [
+    ("cortex-m4", {"smlad": "mul", "sdiv": "div", "bne": "cond_branch", "cbz": "cond_branch", "bl": "branch",
+                   "push": "mem_multi", "ldrd": "mem_pair", "sxtb16": "alu", "it": "other"}),
+    ("rv32imac", {"lw": "load", "sw": "store", "mul": "mul", "divu": "div", "beqz": "cond_branch", "jalr": "branch",
+                  "addi": "alu"})])
+def test_plugin_counts_instructions_by_class(target, expected, tmp_path):
+  """The class counts a core timing prices: every executed instruction in exactly one class (the classes sum to
+  the instruction count, per operator too), each mnemonic in its class, taken branches no more than executed."""
+  require_device(target)
+  fb = model_bytes("kws_dscnn_int8.tflite")
+  result = runner.run_on_target(fb, target, random_inputs(fb, 1), str(tmp_path), mem=True)
+  total = result["instruction_classes_per_inference"]
+  assert sum(total[c] for c in plugin.INSTRUCTION_CLASSES) == result["instructions_per_inference"]
+  assert 0 < total["cond_taken"] <= total["cond_branch"]
+  for o in result["operators"]:
+    assert sum(o["classes"][c] for c in plugin.INSTRUCTION_CLASSES) == o["instructions"]
+  conv = [o["classes"] for o in result["operators"] if o["op"] == "CONV_2D"]
+  share = sum(c["mul"] for c in conv) / sum(sum(c[k] for k in plugin.INSTRUCTION_CLASSES) for c in conv)
+  assert share > 0.05  # convolutions multiply
+  t = targets.get_target(target)
+  elf = os.path.join(str(tmp_path), target, "edgenas_model.elf")
+  dump, log = str(tmp_path / "dump.txt"), str(tmp_path / "log.txt")
+  marker = plugin.symbol_address(elf, runner.MARKER_SYMBOL, nm=t.nm)
+  subprocess.run([t.qemu, *t.qemu_args, "-kernel", elf,
+                  *plugin.plugin_args(plugin.build_plugin(), marker, log, classes=True, dump=dump)],
+                 check=True, capture_output=True, timeout=300)
+  seen = {}
+  with open(dump) as f:
+    for line in f:
+      fields = line.split()
+      text = fields[2:] if target.startswith("cortex") else fields[3:]  # RV32 lines carry the encoding first
+      if text:
+        seen.setdefault(text[0].split(".")[0] if target.startswith("cortex") else text[0], set()).add(fields[1])
+  for mnemonic, cls in expected.items():
+    assert seen.get(mnemonic) == {cls}, (mnemonic, seen.get(mnemonic))
+  if target.startswith("cortex"):
+    assert "mem_pipelined" in seen["ldr"]  | seen.get("str", set())  # LDR pipelined after an LDR (M3/M4 TRM)
+  assert plugin.parse_log(log).total_classes is not None
+
+
 def test_plugin_log_errors_name_the_file_and_line(tmp_path):
   bad = tmp_path / "log"
   bad.write_text("M 10\nM x\nT 20\n")

@@ -11,6 +11,9 @@ guest passes the plugin nothing.
   flash, ram = memory_ranges(elf, nm=target.nm)
   cmd = [qemu, *qemu_args, "-kernel", elf, *plugin_args(path, marker, log, flash, ram, mem=True)]
   log = parse_log(log)  # log.marks[i].instructions, log.deltas(), log.total_instructions
+
+With `classes=True` each mark also carries the executed instructions per class and a few events
+(`Mark.classes`, names in `CLASS_COUNTERS`), which `edgenas.energy.timing` prices with a core's timings.
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support", "ed
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "edgenas", "device")
 CFLAGS = ("-shared", "-fPIC", "-O2", "-fvisibility=hidden")
 _HOST_COMPILERS = ("cc", "gcc", "clang")
+# What classes=on counts, in the plugin's order: exclusive instruction classes, then events on top of them.
+INSTRUCTION_CLASSES = ("alu", "mul", "div", "load", "mem_pipelined", "store", "mem_pair", "mem_multi", "branch",
+                       "cond_branch", "fp", "other")
+EVENTS = ("multi_regs", "cond_taken", "pc_loads")
+CLASS_COUNTERS = INSTRUCTION_CLASSES + EVENTS
 
 
 def _host_compiler() -> str:
@@ -75,9 +83,11 @@ def _qemu_opt(value: str) -> str:
 
 
 def plugin_args(plugin_path: str, marker_addr: int, out_path: str, flash: tuple[int, int] | None = None,
-                ram: tuple[int, int] | None = None, mem: bool = False) -> list[str]:
+                ram: tuple[int, int] | None = None, mem: bool = False, classes: bool = False,
+                dump: str | None = None) -> list[str]:
   """The QEMU arguments that load the plugin: marks at `marker_addr` logged to `out_path`; with `mem`, data
-  reads from [flash[0], flash[1]) and reads/writes of [ram[0], ram[1]) counted too."""
+  reads from [flash[0], flash[1]) and reads/writes of [ram[0], ram[1]) counted too; with `classes`, executed
+  instructions per class; `dump`: a file listing each translated instruction's address, class and text."""
   if marker_addr < 0:
     raise errors.DeviceError(f"marker address {marker_addr:#x} is negative")
   if mem and flash is None and ram is None:
@@ -91,6 +101,12 @@ def plugin_args(plugin_path: str, marker_addr: int, out_path: str, flash: tuple[
       parts.append(f"{key}={lo:#x}-{hi:#x}")
   if mem:
     parts.append("mem=on")
+  if classes:
+    parts.append("classes=on")
+  if dump is not None:
+    if not classes:
+      raise errors.DeviceError("plugin dump= needs classes=True")
+    parts.append("dump=" + _qemu_opt(dump))
   return ["-plugin", ",".join(parts)]
 
 
@@ -108,9 +124,18 @@ class MemCounts:
 
 @dataclasses.dataclass(frozen=True)
 class Mark:
-  """One arrival at the marker: instructions executed before it, and the access counts so far (mem=on)."""
+  """One arrival at the marker: instructions executed before it, the access counts so far (mem=on) and the
+  instructions per class and events so far (classes=on: name -> count, names as in CLASS_COUNTERS)."""
   instructions: int
   mem: MemCounts | None = None
+  classes: dict[str, int] | None = None
+
+
+def class_deltas(a: Mark, b: Mark) -> dict[str, int] | None:
+  """Per-class counts from mark `a` to mark `b` (None without classes=on)."""
+  if a.classes is None or b.classes is None:
+    return None
+  return {k: b.classes[k] - a.classes[k] for k in b.classes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +144,7 @@ class PluginLog:
   marks: list[Mark]
   total_instructions: int
   total_mem: MemCounts | None = None
+  total_classes: dict[str, int] | None = None
 
   def deltas(self) -> list[int]:
     """Instructions from each mark to the next (len(marks) - 1 values)."""
@@ -140,13 +166,28 @@ def parse_log(path: str) -> PluginLog:
   except (OSError, UnicodeDecodeError) as e:
     raise errors.DeviceError(f"cannot read plugin log {path}: {e}") from None
   marks: list[Mark] = []
-  total: tuple[int, MemCounts | None] | None = None
+  total: tuple[int, MemCounts | None, dict[str, int] | None] | None = None
   width = None
+  names: tuple[str, ...] | None = None
   for number, line in enumerate(lines, start=1):
     where = f"plugin log {path}, line {number}"
     fields = line.split()
     if not fields:
       continue
+    if fields[0] == "H":
+      if number != 1 or tuple(fields[1:]) != CLASS_COUNTERS:
+        raise errors.DeviceError(f"{where}: expected the class header 'H {' '.join(CLASS_COUNTERS)}' on line 1 "
+                                 f"(plugin and parser out of step), got {line!r}")
+      names = CLASS_COUNTERS
+      continue
+    classes = None
+    if names is not None:
+      if "C" not in fields or len(fields) - fields.index("C") - 1 != len(names) or not all(
+          x.isdigit() for x in fields[fields.index("C") + 1:]):
+        raise errors.DeviceError(f"{where}: expected ' C' and {len(names)} class counts at the end, got {line!r}")
+      k = fields.index("C")
+      classes = dict(zip(names, (int(x) for x in fields[k + 1:])))
+      fields = fields[:k]
     if fields[0] not in ("M", "T") or len(fields) not in (2, 5) or not all(x.isdigit() for x in fields[1:]):
       raise errors.DeviceError(f"{where}: expected 'M|T <count> [<flash reads> <ram reads> <ram writes>]', "
                                f"got {line!r}")
@@ -160,14 +201,17 @@ def parse_log(path: str) -> PluginLog:
     previous = marks[-1].instructions if marks else 0
     if values[0] < previous:
       raise errors.DeviceError(f"{where}: instruction count {values[0]} below the previous mark's {previous}")
+    if classes is not None and sum(classes[c] for c in INSTRUCTION_CLASSES) != values[0]:
+      raise errors.DeviceError(f"{where}: the class counts sum to {sum(classes[c] for c in INSTRUCTION_CLASSES)}, "
+                               f"not the instruction count {values[0]}")
     if fields[0] == "M":
-      marks.append(Mark(values[0], mem))
+      marks.append(Mark(values[0], mem, classes))
     else:
-      total = (values[0], mem)
+      total = (values[0], mem, classes)
   if total is None:
     raise errors.DeviceError(f"plugin log {path} has no T line: QEMU did not exit normally "
                              f"({len(marks)} marks were written)")
-  return PluginLog(marks=marks, total_instructions=total[0], total_mem=total[1])
+  return PluginLog(marks=marks, total_instructions=total[0], total_mem=total[1], total_classes=total[2])
 
 
 def elf_symbols(elf_path: str, nm: str = "arm-none-eabi-nm") -> dict[str, tuple[int, str]]:

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Sequence
 
 from edgenas.device import errors
+from edgenas.device import plugin as plugin_lib
 from edgenas.device import runner as runner_lib
 from edgenas.device import targets as targets_lib
 from edgenas.device import tflm as tflm_lib
@@ -136,8 +137,8 @@ def _parse(text: str, count: int, where: str) -> list[tuple[int, int]]:
 def count_models(models: Sequence[bytes], target: targets_lib.Target | str, build_dir: str,
                  arena_bytes: int | None = None, timeout_s: float = 1800.0,
                  log: Callable[[str], None] = print) -> list[dict]:
-  """Per model: {instructions, flash_reads, ram_reads, ram_writes, arena_used_bytes} of its one operator on
-  `target` (see the module docstring). Raises DeviceError if a model has other than one operator."""
+  """Per model: {instructions, flash_reads, ram_reads, ram_writes, arena_used_bytes, classes} of its one operator
+  on `target` (see the module docstring; `classes`: executed instructions per class, `plugin.CLASS_COUNTERS`). Raises DeviceError if a model has other than one operator."""
   target = targets_lib.get_target(target) if isinstance(target, str) else target
   targets_lib.check_toolchain(target)
   library = tflm_lib.build_library(target, log=log)
@@ -170,7 +171,8 @@ def count_models(models: Sequence[bytes], target: targets_lib.Target | str, buil
       begin, end = marks[4 * k + 1], marks[4 * k + 2]
       mem = end.mem - begin.mem
       results[i] = dict(instructions=end.instructions - begin.instructions, flash_reads=mem.flash_reads,
-                        ram_reads=mem.ram_reads, ram_writes=mem.ram_writes, arena_used_bytes=arena_used)
+                        ram_reads=mem.ram_reads, ram_writes=mem.ram_writes, arena_used_bytes=arena_used,
+                        classes=plugin_lib.class_deltas(begin, end))
     log(f"device: {target.name}: counted {len(chunk)} operators in program {c + 1}/{len(_chunks(models))} "
         f"({time.time() - t0:.0f} s)")
   return results

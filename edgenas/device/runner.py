@@ -103,6 +103,7 @@ def write_program(directory: str, flatbuffer: bytes, host, inputs_int8: np.ndarr
   """Writes main.cc, model_data.cc/.h and model_ops.h for the model into `directory`; returns their facts.
   `host` is the model's `edgenas.export.verify.TflmRunner` (shapes and quantization come from it)."""
   from edgenas.export import csource
+  from edgenas.export import resolver
   from edgenas.export import verify
 
   input_shape = [int(d) for d in host.input["shape"][1:]]
@@ -110,12 +111,14 @@ def write_program(directory: str, flatbuffer: bytes, host, inputs_int8: np.ndarr
   output_size = int(np.prod(host.output["shape"]))
   qin, qout = host.input_qparams, host.output_qparams
   ops = verify.model_ops(flatbuffer)
-  verify.check_tflm_ops(ops)
-  summary = verify.op_summary(ops)
+  # The resolver methods of the tree the program compiles against (TFLM_DIR may name another than the pinned one).
+  table = resolver.from_tflm(tflm_lib.resolve_tflm_dir())
+  verify.check_tflm_ops(ops, table)
+  summary = verify.op_summary(ops, table)
   sources = csource.model_data_sources(flatbuffer, arena_bytes, qin, qout, input_shape, output_size,
                                        np.asarray(inputs_int8).reshape(len(inputs_int8), -1), expected_int8,
                                        list(labels), model_name, extra_sizes)
-  sources["model_ops.h"] = csource.model_ops_header([s["tflm_resolver"] for s in summary], model_name)
+  sources["model_ops.h"] = csource.model_ops_header(summary, model_name)
   sources["main.cc"] = csource.MAIN_CC
   os.makedirs(directory, exist_ok=True)
   csource.write_sources(directory, sources)
@@ -199,7 +202,7 @@ def run_elf(target: targets_lib.Target, elf: str, timeout_s: float = DEFAULT_TIM
     os.remove(count_log)
   flash, ram = plugin_lib.memory_ranges(elf, nm=target.nm) if mem else (None, None)
   cmd = [target.qemu, *target.qemu_args, "-kernel", elf,
-         *plugin_lib.plugin_args(plugin, marker, count_log, flash, ram, mem)]
+         *plugin_lib.plugin_args(plugin, marker, count_log, flash, ram, mem, classes=mem)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
   except subprocess.TimeoutExpired as e:
@@ -300,6 +303,13 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
     mem_ops, accesses = _memory_counts(triples, images, len(out.op_names))
     for entry, m in zip(operators, mem_ops):
       entry.update(m)
+  classes = None
+  if counts.marks and counts.marks[0].classes is not None:
+    names = list(counts.marks[0].classes)
+    op_classes, classes = _memory_counts([[m.classes[k] for k in names] for m in counts.marks], images,
+                                         len(out.op_names), names)
+    for entry, c in zip(operators, op_classes):
+      entry["classes"] = c
   log(f"device: {target.name}: {matching}/{images} images match the host byte for byte; "
       f"{int(np.mean(inference)):,} instructions per inference; arena {out.arena_used_bytes} B; "
       f"flash {sizes['text'] + sizes['data']:,} B (build {t_build - t0:.0f} s, run {t_run - t_build:.1f} s)")
@@ -309,7 +319,7 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
       first_mismatch=first, exit_status=status,
       instructions_per_inference=int(round(float(np.mean(inference)))),
       instructions_per_inference_min=int(inference.min()), instructions_per_inference_max=int(inference.max()),
-      data_accesses_per_inference=accesses, operators=operators, arena_used_bytes=out.arena_used_bytes, arena_allocated_bytes=int(arena_bytes),
+      data_accesses_per_inference=accesses, instruction_classes_per_inference=classes, operators=operators, arena_used_bytes=out.arena_used_bytes, arena_allocated_bytes=int(arena_bytes),
       elf=dict(sizes, path=os.path.relpath(elf, build_dir), flash_bytes=sizes["text"] + sizes["data"],
                test_data_bytes=facts["harness_bytes"],
                deployed_flash_bytes=sizes["text"] + sizes["data"] - facts["harness_bytes"]),
@@ -319,14 +329,15 @@ def run_on_target(flatbuffer: bytes, target: targets_lib.Target | str, inputs_in
       seconds=dict(library=round(library.seconds, 1), build=round(t_build - t0, 1), run=round(t_run - t_build, 2)))
 
 
-def _memory_counts(mem_marks: Sequence[Sequence[int]], images: int, num_ops: int) -> tuple[list[dict], dict]:
-  """(per operator, per inference) mean data accesses by region over the images: flash reads, RAM reads, RAM
-  writes."""
+def _memory_counts(mem_marks: Sequence[Sequence[int]], images: int, num_ops: int,
+                   names: Sequence[str] = ("flash_reads", "ram_reads", "ram_writes")) -> tuple[list[dict], dict]:
+  """(per operator, per inference) means over the images of cumulative counters logged at each mark: data
+  accesses by region (flash reads, RAM reads, RAM writes) or, with `names`, instruction classes."""
   per_image = 2 + 2 * num_ops
   m = np.asarray(mem_marks, np.int64).reshape(images, per_image, -1)
   d = (m[:, 2:-1:2] - m[:, 1:-1:2]).mean(axis=0)
   total = (m[:, -1] - m[:, 0]).mean(axis=0)
 
   def as_dict(r):
-    return dict(flash_reads=int(round(r[0])), ram_reads=int(round(r[1])), ram_writes=int(round(r[2])))
+    return {k: int(round(v)) for k, v in zip(names, r)}
   return [as_dict(r) for r in d], as_dict(total)

@@ -172,16 +172,17 @@ def whole_model_counts(model_path: str, target: str, build_dir: str, log=print) 
   acc = result["data_accesses_per_inference"]
   return dict(target=target, instructions=result["instructions_per_inference"], flash_reads=acc["flash_reads"],
               ram_reads=acc["ram_reads"], ram_writes=acc["ram_writes"],
+              classes=result["instruction_classes_per_inference"],
               tflm_commit=result["toolchain"]["tflm_commit"], compiler=result["toolchain"]["compiler"])
 
 
 def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = None,
                        log=print) -> tuple[platform_lib.Platform, list[lut_lib.LutRow]]:
-  """The platform with its CPI fitted to its measurements, and its LUT rows priced from the counts table of its
-  target (`edgenas.energy.counts`) with its cycle model (`edgenas.energy.cycles`).
+  """The platform with its cycle model's scale fitted to its measurements, and its LUT rows priced from the
+  counts table of its target (`edgenas.energy.counts`) with its cycle model (`edgenas.energy.cycles`).
 
   The calibration report holds, per measured model: its emulated counts, the cycles measured and predicted, and
-  the leave-one-out errors of latency and energy (each model predicted from the CPI and the power fitted on the
+  the leave-one-out errors of latency and energy (each model predicted from the scale and the power fitted on the
   other models)."""
   from edgenas.energy import counts as counts_lib
   from edgenas.energy import cycles as cycles_lib
@@ -198,21 +199,22 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
   clock_khz = platform.clock_mhz * 1e3
   emulated = [whole_model_counts(reference_model_path(m["model"]), platform.target, build_dir, log)
               for m in measurements]
-  instr = [e["instructions"] for e in emulated]
+  classes = [e["classes"] for e in emulated]
   flash = [e["flash_reads"] for e in emulated]
   measured_cycles = [float(m["latency_ms"]) * clock_khz for m in measurements]
-  cpi = cycles_lib.fit_cpi(model, instr, flash, measured_cycles)
-  model = dataclasses.replace(model, cpi=cpi)
+  scale = cycles_lib.fit_scale(model, classes, flash, measured_cycles)
+  model = dataclasses.replace(model, scale=scale)
 
   energies = [m.get("energy_uj") for m in measurements]
   measured_power = all(e is not None for e in energies)
   powers = [float(e) / float(m["latency_ms"]) for e, m in zip(energies, measurements)] if measured_power else []
   active_mw = float(np.mean(powers)) if measured_power else platform.active_mw
-  loo_latency = cycles_lib.leave_one_out(model, instr, flash, measured_cycles) if len(measurements) > 1 else []
+  loo_latency = cycles_lib.leave_one_out(model, classes, flash, measured_cycles) if len(measurements) > 1 else []
   reproduction = []
   for k, (m, e) in enumerate(zip(measurements, emulated)):
-    predicted = float(model.cycles(e["instructions"], e["flash_reads"]))
+    predicted = float(model.cycles(e["classes"], e["flash_reads"]))
     entry = dict(benchmark=m["benchmark"], model=m["model"], emulated=e, measured_cycles=measured_cycles[k],
+                 core_cycles=round(model.core_cycles(e["classes"])),
                  predicted_cycles=round(predicted), measured_latency_ms=float(m["latency_ms"]),
                  predicted_latency_ms=round(predicted / clock_khz, 4),
                  latency_error_pct=round(100 * (predicted / measured_cycles[k] - 1), 2),
@@ -226,13 +228,13 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
     reproduction.append(entry)
   count_rows = counts_lib.load_counts(counts_lib.counts_path(platform.target))
   if len(measurements) > 1:
-    # The path the search and launch.estimate take: the table priced with the CPI fitted on the other models,
+    # The path the search and launch.estimate take: the table priced with the scale fitted on the other models,
     # the regressor fitted on that table, the model's operators priced by the regressor.
     for k, (m, entry) in enumerate(zip(measurements, reproduction)):
       rest = [j for j in range(len(measurements)) if j != k]
-      loo = dataclasses.replace(model, cpi=cycles_lib.fit_cpi(model, [instr[j] for j in rest],
-                                                              [flash[j] for j in rest],
-                                                              [measured_cycles[j] for j in rest]))
+      loo = dataclasses.replace(model, scale=cycles_lib.fit_scale(model, [classes[j] for j in rest],
+                                                                  [flash[j] for j in rest],
+                                                                  [measured_cycles[j] for j in rest]))
       coefs = regressor_lib.fit(emulated_rows(count_rows, platform, loo, active_mw), "latency_ms")
       graph = tflite_graph.read_tflite(reference_model_path(m["model"]))
       predicted_ms = sum(float(np.dot(regressor_lib.lookup(coefs, o.spec.op, o.spec.kernel), o.features()))
@@ -243,34 +245,39 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
         power = float(np.mean([powers[j] for j in rest]))
         entry["leave_one_out_regressor_energy_error_pct"] = round(
             100 * (predicted_ms * power / float(m["energy_uj"]) - 1), 2)
-  cal.update(method="emulated counts x cycle model", cpi=round(cpi, 6), target=platform.target,
-             reproduction=reproduction)
-  for stale in ("scale_compute", "scale_overhead", "host_profile", "leave_one_out_single_scale"):
+  cal.update(method="emulated class counts x core timing x fitted scale", scale=round(scale, 6),
+             target=platform.target, core_timing=model.core_timing, reproduction=reproduction)
+  for stale in ("scale_compute", "scale_overhead", "host_profile", "leave_one_out_single_scale", "cpi"):
     cal.pop(stale, None)
   power_source = (f"measured: mean of energy / latency over the MLPerf Tiny rows "
                   f"({', '.join(m['benchmark'] for m in measurements)}), {active_mw:.2f} mW" if measured_power
                   else platform.sources["active_mw"])
-  cycle_model = dict(platform.cycle_model, cpi=round(cpi, 6))
-  cycle_model["sources"] = dict(cycle_model.get("sources", {}), cpi=(
+  cycle_model = dict(platform.cycle_model, scale=round(scale, 6))
+  cycle_model.pop("cpi", None)
+  sources = dict(cycle_model.get("sources", {}), scale=(
       f"fitted: least squares on the relative error of the MLPerf Tiny latencies "
-      f"({', '.join(m['benchmark'] for m in measurements)}) against the {platform.target} counts"))
+      f"({', '.join(m['benchmark'] for m in measurements)}) against the {platform.target} class counts priced "
+      f"with the {model.core_timing} timing"))
+  sources.pop("cpi", None)
+  cycle_model["sources"] = sources
   sources = dict(platform.sources, active_mw=power_source, lut=(
-      f"emulated: counts_{platform.target}.csv priced with this profile's cycle_model (cpi fitted to the "
-      "calibration measurements)"))
+      f"emulated: counts_{platform.target}.csv priced with this profile's cycle_model (core timing "
+      f"{model.core_timing}, scale fitted to the calibration measurements)"))
   calibrated = dataclasses.replace(platform, active_mw=round(active_mw, 4), sources=sources, calibration=cal,
                                    cycle_model=cycle_model)
   return calibrated, emulated_rows(count_rows, calibrated, model, active_mw)
 
 
 def emulated_rows(count_rows, platform: platform_lib.Platform, model, active_mw: float) -> list[lut_lib.LutRow]:
-  """LUT rows: each counted configuration at cycles = cpi · instructions + flash read cycles · flash reads."""
+  """LUT rows: each counted configuration at cycles = scale · core-timing cycles of its instruction classes +
+  flash read cycles · flash reads."""
   clock_khz = platform.clock_mhz * 1e3
-  source = (f"emulated on {platform.target}: cycles = {model.cpi:.4g} x instructions + "
-            f"{model.flash_read_cycles:.4g} x flash reads at {platform.clock_mhz:g} MHz; energy = latency x "
-            f"{active_mw:.4g} mW")
+  source = (f"emulated on {platform.target}: cycles = {model.scale:.4g} x {model.core_timing} timing of the "
+            f"executed instruction classes + {model.flash_read_cycles:.4g} x flash reads at "
+            f"{platform.clock_mhz:g} MHz; energy = latency x {active_mw:.4g} mW")
   rows = []
   for r in count_rows:
-    latency = float(model.cycles(r.instructions, r.flash_reads)) / clock_khz
+    latency = float(model.cycles(r.classes, r.flash_reads)) / clock_khz
     rows.append(lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups, latency, 0.0,
                                1, latency * active_mw, source))
   return rows

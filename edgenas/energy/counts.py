@@ -3,8 +3,12 @@
 One CSV per target (`platforms/counts_<target>.csv`), written by `python -m launch.profile --backend=emulate
 --target=<t>`:
 
-    #edgenas-counts version=1
-    op,in_h,in_w,in_c,out_c,kernel,stride,groups,instructions,flash_reads,ram_reads,ram_writes,arena_used_bytes,source
+    #edgenas-counts version=2
+    op,in_h,in_w,in_c,out_c,kernel,stride,groups,instructions,flash_reads,ram_reads,ram_writes,arena_used_bytes,
+    n_alu,n_mul,...,n_pc_loads,source
+
+The `n_<class>` columns are the executed instructions per class and the events the plugin counts
+(`edgenas.energy.timing.COUNTERS`); a core timing prices them.
 
 Counts belong to an instruction set and its kernels (CMSIS-NN on Cortex-M, TFLM's reference kernels on RV32),
 not to a board: every platform built on that target prices the same counts with its own cycle model
@@ -20,13 +24,15 @@ from typing import Iterable
 
 from edgenas import ops as ops_lib
 from edgenas.energy import platform as platform_lib
+from edgenas.energy import timing as timing_lib
 from edgenas.energy.errors import EnergyModelError
 
-COUNTS_VERSION = 1
+COUNTS_VERSION = 2
 VERSION_LINE = f"#edgenas-counts version={COUNTS_VERSION}"
 GEOMETRY = ("in_h", "in_w", "in_c", "out_c", "kernel", "stride", "groups")
 COUNTS = ("instructions", "flash_reads", "ram_reads", "ram_writes", "arena_used_bytes")
-COLUMNS = ("op",) + GEOMETRY + COUNTS + ("source",)
+CLASS_COLUMNS = tuple(f"n_{c}" for c in timing_lib.COUNTERS)
+COLUMNS = ("op",) + GEOMETRY + COUNTS + CLASS_COLUMNS + ("source",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,7 @@ class CountRow:
   ram_writes: int
   arena_used_bytes: int
   source: str
+  classes: dict = dataclasses.field(default_factory=dict)  # counter -> count (timing_lib.COUNTERS)
 
   def spec(self) -> ops_lib.OpSpec:
     return ops_lib.OpSpec(self.op, self.in_h, self.in_w, self.in_c, self.out_c, self.kernel, self.stride)
@@ -75,7 +82,7 @@ def load_counts(path: str) -> list[CountRow]:
     if op not in ops_lib.OP_TYPES:
       raise EnergyModelError(f"{where}: field 'op' is {op!r}; expected one of {', '.join(ops_lib.OP_TYPES)}")
     values = {}
-    for name in GEOMETRY + COUNTS:
+    for name in GEOMETRY + COUNTS + CLASS_COLUMNS:
       text_value = (raw.get(name) or "").strip()
       try:
         values[name] = int(text_value)
@@ -86,7 +93,11 @@ def load_counts(path: str) -> list[CountRow]:
                                f"got {values[name]}")
     if not (raw.get("source") or "").strip():
       raise EnergyModelError(f"{where}: field 'source' is empty; every figure needs its provenance")
-    rows.append(CountRow(op=op, source=raw["source"].strip(), **values))
+    classes = {c: values.pop(f"n_{c}") for c in timing_lib.COUNTERS}
+    if sum(classes[c] for c in timing_lib.INSTRUCTION_CLASSES) != values["instructions"]:
+      raise EnergyModelError(f"{where}: the class counts do not sum to the instruction count "
+                             f"{values['instructions']}")
+    rows.append(CountRow(op=op, source=raw["source"].strip(), classes=classes, **values))
   if not rows:
     raise EnergyModelError(f"{path}: the table has no rows")
   return rows
@@ -99,7 +110,7 @@ def save_counts(rows: Iterable[CountRow], path: str) -> None:
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(COLUMNS)
   for r in rows:
-    writer.writerow([getattr(r, c) for c in COLUMNS])
+    writer.writerow([r.classes[c[2:]] if c in CLASS_COLUMNS else getattr(r, c) for c in COLUMNS])
   tmp = f"{path}.partial"
   with open(tmp, "w", newline="") as f:
     f.write(buf.getvalue())

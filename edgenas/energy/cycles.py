@@ -1,17 +1,22 @@
 """A platform's cycle and energy model on top of its target's emulated counts.
 
-    cycles  = cpi · instructions + flash_read_cycles · flash data reads
+    cycles  = scale · Σ_class core cycles per class · executed instructions of that class
+              + flash_read_cycles · flash data reads
     latency = cycles / clock
     energy  = latency · active power
 
+- The per-class cycles are the core's timing (`edgenas.energy.timing`: Arm's cycle table for the Cortex-M4, the
+  documented pipeline for the Cortex-M7, a scalar pipeline for RV32), applied to the instruction classes the
+  emulator counted. They carry the relative operator costs, so a dual-issue core and a single-issue one running
+  the same kernels get different tables.
 - `flash_read_cycles` is derived, not fitted: the flash wait states at the platform's clock (datasheet) times the
   fraction of data reads that miss the flash accelerator's or data cache's line and pay them
   (`flash_miss_fraction`: one line fetch per line of sequentially read weights). Each figure keeps its source in
   the profile's `cycle_model.sources`.
-- `cpi` is the one constant fitted per board, to its MLPerf Tiny whole-model measurements (least squares on the
-  relative error). It absorbs the pipeline (stalls, multi-cycle multiplies, branch penalties), and where the
-  measured software differs from the emulated one (an older TFLM, another runtime) that difference too, which
-  the calibration report states.
+- `scale` is the one constant fitted per board, to its MLPerf Tiny whole-model measurements (least squares on the
+  relative error): measured cycles per modelled cycle. It absorbs what the timing leaves out (instruction fetch
+  from flash, cache misses, misprediction), and where the measured software differs from the emulated one (an
+  older TFLM, another runtime) that difference too, which the calibration report states.
 
 With two measured models per board and one fitted constant, leave-one-out is meaningful: each model is predicted
 from the constant fitted on the other (`leave_one_out`).
@@ -23,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edgenas.energy import timing as timing_lib
 from edgenas.energy.errors import EnergyModelError
 
 
@@ -30,7 +36,12 @@ from edgenas.energy.errors import EnergyModelError
 class CycleModel:
   flash_wait_states: float
   flash_miss_fraction: float
-  cpi: float | None = None  # None until fitted
+  core_timing: str
+  scale: float | None = None  # None until fitted
+
+  @property
+  def timing(self) -> timing_lib.CoreTiming:
+    return timing_lib.get(self.core_timing)
 
   @property
   def flash_read_cycles(self) -> float:
@@ -39,10 +50,14 @@ class CycleModel:
   def memory_cycles(self, flash_reads) -> np.ndarray:
     return self.flash_read_cycles * np.asarray(flash_reads, np.float64)
 
-  def cycles(self, instructions, flash_reads) -> np.ndarray:
-    if self.cpi is None:
-      raise EnergyModelError("cycle model: cpi is not fitted yet")
-    return self.cpi * np.asarray(instructions, np.float64) + self.memory_cycles(flash_reads)
+  def core_cycles(self, classes: Mapping[str, float]) -> float:
+    """The core timing's cycles for one set of class counts (before the fitted scale)."""
+    return self.timing.modelled_cycles(classes)
+
+  def cycles(self, classes: Mapping[str, float], flash_reads) -> float:
+    if self.scale is None:
+      raise EnergyModelError("cycle model: scale is not fitted yet")
+    return float(self.scale * self.core_cycles(classes) + self.memory_cycles(flash_reads))
 
 
 def from_profile(section: Mapping, where: str) -> CycleModel:
@@ -55,37 +70,43 @@ def from_profile(section: Mapping, where: str) -> CycleModel:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
       raise EnergyModelError(f"{where}: field 'cycle_model.{key}' must be a number >= 0, got {v!r}")
     values[key] = float(v)
+  core = section.get("core_timing")
+  if not isinstance(core, str) or core not in timing_lib.TIMINGS:
+    raise EnergyModelError(f"{where}: field 'cycle_model.core_timing' must be one of "
+                           f"{', '.join(sorted(timing_lib.TIMINGS))}, got {core!r}")
   sources = section.get("sources", {})
-  for key in ("flash_wait_states", "flash_miss_fraction"):
+  for key in ("flash_wait_states", "flash_miss_fraction", "core_timing"):
     if not str(sources.get(key, "")).strip():
       raise EnergyModelError(f"{where}: field 'cycle_model.sources.{key}' is empty; every figure needs its "
                              "provenance")
-  cpi = section.get("cpi")
-  return CycleModel(values["flash_wait_states"], values["flash_miss_fraction"],
-                    None if cpi is None else float(cpi))
+  scale = section.get("scale")
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+    raise EnergyModelError(f"{where}: field 'cycle_model.scale' must be a number > 0, got {scale!r}")
+  return CycleModel(values["flash_wait_states"], values["flash_miss_fraction"], core,
+                    None if scale is None else float(scale))
 
 
-def fit_cpi(model: CycleModel, instructions: Sequence[float], flash_reads: Sequence[float],
-            measured_cycles: Sequence[float]) -> float:
-  """The CPI minimising Σ (predicted / measured − 1)² over the measured models (closed form)."""
-  i = np.asarray(instructions, np.float64)
+def fit_scale(model: CycleModel, classes: Sequence[Mapping[str, float]], flash_reads: Sequence[float],
+              measured_cycles: Sequence[float]) -> float:
+  """The scale minimising Σ (predicted / measured − 1)² over the measured models (closed form)."""
+  core = np.asarray([model.core_cycles(c) for c in classes], np.float64)
   m = np.asarray(measured_cycles, np.float64)
   rest = m - model.memory_cycles(flash_reads)
-  a = i / m
-  cpi = float(np.sum(a * (rest / m)) / np.sum(a * a))
-  if not np.isfinite(cpi) or cpi <= 0:
-    raise EnergyModelError(f"cycle model: the measurements give no positive CPI (got {cpi})")
-  return cpi
+  a = core / m
+  scale = float(np.sum(a * (rest / m)) / np.sum(a * a))
+  if not np.isfinite(scale) or scale <= 0:
+    raise EnergyModelError(f"cycle model: the measurements give no positive scale (got {scale})")
+  return scale
 
 
-def leave_one_out(model: CycleModel, instructions, flash_reads, measured_cycles) -> list[float]:
-  """Per model, the relative error (%) of its cycles predicted with the CPI fitted on the other models."""
+def leave_one_out(model: CycleModel, classes, flash_reads, measured_cycles) -> list[float]:
+  """Per model, the relative error (%) of its cycles predicted with the scale fitted on the other models."""
   n = len(measured_cycles)
   errors = []
   for k in range(n):
     rest = [j for j in range(n) if j != k]
-    cpi = fit_cpi(model, [instructions[j] for j in rest], [flash_reads[j] for j in rest],
-                  [measured_cycles[j] for j in rest])
-    predicted = dataclasses.replace(model, cpi=cpi).cycles(instructions[k], flash_reads[k])
+    scale = fit_scale(model, [classes[j] for j in rest], [flash_reads[j] for j in rest],
+                      [measured_cycles[j] for j in rest])
+    predicted = dataclasses.replace(model, scale=scale).cycles(classes[k], flash_reads[k])
     errors.append(float(100.0 * (predicted / measured_cycles[k] - 1.0)))
   return errors

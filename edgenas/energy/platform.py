@@ -47,7 +47,7 @@ class Platform:
   # The emulated core (edgenas.device.targets) whose instruction set and kernels this platform runs; None for
   # the host. Its per-operator counts are what the platform's lookup table is built from.
   target: str | None = None
-  # edgenas.energy.cycles: {flash_wait_states, flash_miss_fraction, cpi, sources}; empty for the host
+  # edgenas.energy.cycles: {flash_wait_states, flash_miss_fraction, core_timing, scale, sources}; empty for the host
   cycle_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
