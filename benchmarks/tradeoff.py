@@ -43,8 +43,9 @@ def network_row(report: dict, platform: str, seconds: float) -> dict:
 def run(config, lams, workdir: str) -> dict:
   from edgenas import architecture as arch_lib
   from edgenas import baselines, search, train
+  from edgenas import data as data_lib
   platform = config.cost.platform
-  dataset = search.load_data(config)
+  dataset = data_lib.load_data(config)
   rows = {}
   for name in config.baselines:
     t = time.time()

@@ -79,6 +79,13 @@ def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0
   return resize_dataset(dataset, size) if size else dataset
 
 
+def load_data(config) -> Dataset:
+  """The dataset a run's config names: `dataset`, `data_dir`, `val_fraction`, `seed` and `image_size`."""
+  size = config.get("image_size", 0) or None
+  return load_dataset(config.dataset, data_dir=config.get("data_dir") or None, val_fraction=config.val_fraction,
+                      seed=config.seed, image_size=size)
+
+
 def _image_size(name, image_size) -> tuple[int, int] | None:
   if image_size is None:
     return None

@@ -178,23 +178,3 @@ def alpha_entropy(probs) -> jnp.ndarray:
   """Mean entropy (nats) of the per-layer candidate distributions: how undecided the search still is."""
   return jnp.mean(jnp.stack([-jnp.sum(p * jnp.log(p + 1e-12)) for p in probs]))
 
-
-def weight_lr_schedule(cfg, total_steps: int) -> optax.Schedule:
-  """Cosine decay from lr to lr_min; second-order DARTS also uses it as the virtual step size ξ."""
-  return optax.cosine_decay_schedule(cfg.lr, max(1, total_steps), alpha=cfg.lr_min / cfg.lr)
-
-
-def weight_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """SGD + momentum with a cosine schedule by default (DARTS), gradient clipping, decoupled L2."""
-  lr = weight_lr_schedule(cfg, total_steps)
-  if cfg.optimizer == "sgd":
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(lr, momentum=cfg.momentum, nesterov=True))
-  if cfg.optimizer == "adamw":
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(lr, weight_decay=cfg.weight_decay))
-  raise ValueError(f"config.weights.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-
-
-def arch_optimizer(cfg) -> optax.GradientTransformation:
-  """Adam on α and gate logits (DARTS: lr 3e-4, β1 0.5, weight decay 1e-3)."""
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2))

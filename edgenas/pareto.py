@@ -107,7 +107,7 @@ def summary_markdown(records: Sequence[Mapping], front: Sequence[Mapping], accur
                      baselines: Sequence[Mapping] = (), notes: Sequence[str] = ()) -> str:
   """A Markdown table of every member (front members marked ★), then the baselines, then notes."""
   on_front = {r["id"] for r in front}
-  lines = [f"# Sweep summary", "", f"Front drawn on **{ACCURACY_LABELS.get(accuracy_key, accuracy_key)}** against "
+  lines = ["# Sweep summary", "", f"Front drawn on **{ACCURACY_LABELS.get(accuracy_key, accuracy_key)}** against "
            f"predicted energy; ★ = on the Pareto front of its platform.", "",
            "| member | λ | target | platform | arch | val acc | test acc | energy µJ | latency ms | SRAM KiB | "
            "flash KiB | front | status |",

@@ -20,6 +20,7 @@ from edgenas import baselines as baselines_lib
 from edgenas import rundir
 from edgenas import search as search_lib
 from edgenas import train as train_lib
+from edgenas.console import say
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -64,19 +65,19 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
       targets_lib.check_toolchain(t)  # before the search, not after it
     tflm.resolve_tflm_dir()
   search_dir = os.path.join(workdir, "search")
-  search_lib.say("== 1/4 search ==")
+  say("== 1/4 search ==")
   search_result = search_lib.run_search(config, search_dir)
   arch = arch_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
   t_search = time.time()
 
-  search_lib.say("== 2/4 retrain the searched network ==")
+  say("== 2/4 retrain the searched network ==")
   retrain_dir = os.path.join(workdir, "retrain")
   report = train_lib.run_retrain(config, arch, retrain_dir, platforms=[platform])
   t_retrain = time.time()
 
   export_report, export_dir = None, None
   if export:
-    search_lib.say("== 3/4 export to TFLite Micro, verify in the TFLM interpreter"
+    say("== 3/4 export to TFLite Micro, verify in the TFLM interpreter"
                    f"{' and on ' + ', '.join(targets) if targets else ''} ==")
     from edgenas import export as export_lib
     export_dir = os.path.join(retrain_dir, "export")
@@ -85,7 +86,7 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
 
   rows = [_row("searched", report, platform, export_report)]
   if baselines:
-    search_lib.say("== 4/4 baselines, same data, budget and cost model ==")
+    say("== 4/4 baselines, same data, budget and cost model ==")
     shape = tuple(arch.input_shape)
     for name, base in baselines_lib.baseline_architectures(shape, arch.num_classes,
                                                            names=tuple(config.baselines)).items():
@@ -112,7 +113,7 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
   table = summary_table(summary)
   with open(os.path.join(workdir, SUMMARY_MD), "w") as f:
     f.write(table + "\n")
-  search_lib.say("\n" + table)
+  say("\n" + table)
   return summary
 
 

@@ -30,13 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from edgenas import checkpoint as ckpt_lib
 from edgenas import cost as cost_lib
 from edgenas import data as data_lib
+from edgenas import loop as loop_lib
 from edgenas import objective as objective_lib
+from edgenas import optim
 from edgenas import parallel
 from edgenas import rundir
 from edgenas import search as search_lib
+from edgenas.console import say
 from edgenas.nn import supernet as supernet_lib
 
 POP_AXIS = "pop"
@@ -149,12 +151,12 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
                                    "configs": [rundir.to_jsonable(c) for c in configs]})
   t_start = time.time()
   base = configs[0]
-  dataset = search_lib.load_data(base)
+  dataset = data_lib.load_data(base)
   space, obj, plan = search_lib.build(base, dataset)
   for c in configs:  # every member's penalty settings are valid on their own
     search_lib.objective_config(c, plan["cost_ref"])
   s = base.search
-  total, warmup = plan["total"], plan["warmup"]
+  total, warmup, per_epoch = plan["total"], plan["warmup"], plan["steps_per_epoch"]
   mesh = population_mesh()
   k = len(configs)
   size = padded_size(k, jax.device_count())
@@ -165,69 +167,50 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   # Every process reads whole batches: members, not examples, are spread over the devices.
   train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, base.seed, 0, 1)
   val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, base.seed + 1, 0, 1)
-  search_lib.say(f"population search: {k} members ({size} slots over {jax.device_count()} device(s), "
-                 f"{'all at once' if not chunk or chunk >= size else f'{chunk} at a time'}, "
-                 f"{jax.process_count()} process(es)), {len(space.slots())} layers, relaxation {s.relaxation}, "
-                 f"cost model {plan['cost_model']}, {total} steps ({warmup} warm-up)")
+  say(f"population search: {k} members ({size} slots over {jax.device_count()} device(s), "
+      f"{'all at once' if not chunk or chunk >= size else f'{chunk} at a time'}, "
+      f"{jax.process_count()} process(es)), {len(space.slots())} layers, relaxation {s.relaxation}, "
+      f"cost model {plan['cost_model']}, {total} steps ({warmup} warm-up)")
 
   state = steps.init(jax.random.PRNGKey(base.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
-  lr_at = objective_lib.weight_lr_schedule(base.weights, total)
-  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
-      os.path.join(pop_dir, "checkpoints"), state, save_every=base.checkpoint_every, keep=base.keep_checkpoints)
-  start = 0
-  if restored is not None:
-    state, start = restored.state, restored.step + 1
-    search_lib.say(f"resuming the population from checkpoint step {restored.step}")
-  writers = ([rundir.MetricsWriter(os.path.join(w, rundir.METRICS_FILE),
-                                   resume_step=restored.step if restored else -1) for w in workdirs]
-             if jax.process_index() == 0 else [])
-  progress = rundir.Progress(total, batch_size=s.batch_size * k, every_steps=base.log_every, start_step=start,
-                             log=search_lib.say)
-  t_loop = time.time()
-  try:
-    for step in range(start, total):
-      tau = jnp.float32(search_lib.tau_at(step, total, s))
-      tb = parallel.replicate(dict(zip(("image", "label"), train_stream.batch_at(step))), mesh)
-      record = {}
-      if step >= warmup:  # DARTS order, as in search.run_search: α on validation data first, then w
-        vb = parallel.replicate(dict(zip(("image", "label"), val_stream.batch_at(step))), mesh)
-        state, a_metrics = steps.arch_step(state, tb, vb, tau, jnp.float32(lr_at(step)), lam, target)
-        record.update(a_metrics)
-      state, w_metrics = steps.weight_step(state, tb, tau)
-      record.update(w_metrics)
-      record = {key: np.asarray(jax.device_get(v), np.float64)[:k] for key, v in record.items()}
-      _stop_if_non_finite(record, step, workdirs, ckpt)
-      epoch_end = (step + 1) % plan["steps_per_epoch"] == 0 or step + 1 == total
-      if epoch_end:
-        record["val_acc_supernet"] = steps.accuracy(state, dataset.val, s.batch_size)[:k]
-      if writers and (epoch_end or (step + 1) % base.log_every == 0):
-        for i, writer in enumerate(writers):
-          writer.write(step, {key: float(v[i]) for key, v in record.items()} |
-                       dict(epoch=step // plan["steps_per_epoch"], tau=float(tau)))
-      line = progress.update(step)
-      if line and "val_acc_supernet" in record:
-        search_lib.say("  val acc (supernet) " + " ".join(f"{a:.4f}" for a in record["val_acc_supernet"]))
-      ckpt.save(step, state, {"step": step})
-    if total > 0:
-      ckpt.save(total - 1, state, {"step": total - 1}, force=True)
-  finally:
-    ckpt.close()
-    for writer in writers:
-      writer.close()
-  t_end = time.time()
-  return _finish(configs, workdirs, space, obj, plan, steps, state, dataset, k,
-                 dict(total=t_end - t_start, loop=t_end - t_loop))
+  lr_at = optim.weight_lr_schedule(base.weights, total)
+  batch_at = lambda stream, step: parallel.replicate(dict(zip(("image", "label"), stream.batch_at(step))), mesh)
 
+  def step_fn(state, step):
+    tau = jnp.float32(search_lib.tau_at(step, total, s))
+    tb, metrics = batch_at(train_stream, step), {}
+    if step >= warmup:  # DARTS order, as in search.run_search: α on validation data first, then w
+      state, metrics = steps.arch_step(state, tb, batch_at(val_stream, step), tau, jnp.float32(lr_at(step)), lam,
+                                       target)
+    state, w_metrics = steps.weight_step(state, tb, tau)
+    return state, metrics | w_metrics
 
-def _stop_if_non_finite(record: dict, step: int, workdirs: Sequence[str], ckpt: ckpt_lib.Checkpointer) -> None:
-  for key in ("train_ce", "val_ce", "expected_cost"):
-    if key in record and not np.all(np.isfinite(record[key])):
-      bad = [workdirs[i] for i in np.flatnonzero(~np.isfinite(record[key]))]
-      ckpt.wait()
-      raise search_lib.NonFiniteLossError(
-          f"population: {key} became non-finite at step {step} for member(s) {', '.join(bad)}; stopping. The last "
-          f"good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.weights.lr or "
-          f"config.arch.lr, or search those members without --vectorize.")
+  def diverged(step, record):
+    bad = loop_lib.non_finite(record, search_lib.WATCHED)
+    if not bad:
+      return None
+    members = [workdirs[i] for i in np.flatnonzero(~np.isfinite(record[bad[0]]))]
+    return f"{bad[0]} became non-finite at step {step} for member(s) {', '.join(members)}"
+
+  def log_fields(state, step, epoch_end):
+    fields = {"val_acc_supernet": steps.accuracy(state, dataset.val, s.batch_size)[:k]} if epoch_end else {}
+    return fields | dict(epoch=step // per_epoch, tau=float(np.float32(search_lib.tau_at(step, total, s))))
+
+  def epoch_summary(record, progress_line):
+    if progress_line:
+      return "  val acc (supernet) " + " ".join(f"{a:.4f}" for a in record["val_acc_supernet"])
+    return None
+
+  loop = loop_lib.Loop(
+      name="population", checkpoint_dir=os.path.join(pop_dir, "checkpoints"),
+      metrics_paths=[os.path.join(w, rundir.METRICS_FILE) for w in workdirs], total_steps=total,
+      steps_per_epoch=per_epoch, images_per_step=s.batch_size * k, log_every=base.log_every,
+      checkpoint_every=base.checkpoint_every, keep_checkpoints=base.keep_checkpoints,
+      advice="Lower config.weights.lr or config.arch.lr, or search those members without --vectorize.",
+      resuming="resuming the population from checkpoint step")
+  done = loop.run(state, step_fn, diverged=diverged, log_fields=log_fields, epoch_summary=epoch_summary)
+  return _finish(configs, workdirs, space, obj, plan, steps, done.state, dataset, k,
+                 dict(total=time.time() - t_start, loop=done.seconds))
 
 
 def _finish(configs, workdirs, space, obj, plan, steps: PopulationSteps, state, dataset, k: int,
@@ -253,7 +236,7 @@ def _finish(configs, workdirs, space, obj, plan, steps: PopulationSteps, state, 
     if jax.process_index() == 0:
       arch.save(os.path.join(workdir, search_lib.ARCH_FILE))
       rundir.atomic_write_json(os.path.join(workdir, search_lib.RESULT_FILE), result)
-    search_lib.say(f"derived {arch.hash()} (λ={float(config.cost.lam):g}): {' '.join(arch.summary()['layers'])}  "
-                   f"({arch.macs()} MACs); written to {workdir}")
+    say(f"derived {arch.hash()} (λ={float(config.cost.lam):g}): {' '.join(arch.summary()['layers'])}  "
+        f"({arch.macs()} MACs); written to {workdir}")
     results.append(result)
   return results

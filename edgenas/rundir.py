@@ -332,8 +332,12 @@ class TensorBoardWriter(clu_writers.MetricWriter):
     os.makedirs(logdir, exist_ok=True)
     if resume_step is not None:
       _truncate_events_after(logdir, resume_step)
-    # The name TensorBoard's loaders look for (".tfevents."), made unique as its own writers make it.
-    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILE_IDS)}"
+    # The name TensorBoard's loaders look for (".tfevents."). They read a directory's files in name order, so
+    # the name sorts by creation time (nanoseconds, zero-padded: a resumed run's file comes after the one it
+    # continues even within the same second) and the pid and counter keep it unique.
+    now = time.time_ns()
+    name = (f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now:020d}.{os.getpid()}."
+            f"{next(_EVENT_FILE_IDS):06d}")
     self.path = os.path.join(logdir, name)
     self._records = record_writer.RecordWriter(open(self.path, "wb"))
     self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))

@@ -1,6 +1,7 @@
-"""The search loop: data, supernet, bilevel steps, checkpoints, metrics, and derivation of `arch.json`.
+"""The search: data, supernet, bilevel steps, and derivation of `arch.json`.
 
-One readable loop (`run_search`). Per step: an architecture step on a validation batch (after the warm-up epochs),
+`run_search` builds the steps and hands them to the one training loop (`edgenas.loop`), which owns checkpoints,
+metrics, progress and resume. Per step: an architecture step on a validation batch (after the warm-up epochs),
 then a weight step on a train batch, both jit-compiled once and data-parallel over the device mesh. The run
 directory holds the resolved config, orbax checkpoints, `metrics.jsonl`, `arch.json` and `search.json`; a run
 started again on the same workdir resumes from its latest good checkpoint and ends where an uninterrupted run
@@ -8,7 +9,6 @@ would, because every random draw and every batch is a function of (seed, step).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -18,31 +18,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from edgenas import checkpoint as ckpt_lib
 from edgenas import cost as cost_lib
 from edgenas import data as data_lib
+from edgenas import loop as loop_lib
 from edgenas import objective as objective_lib
+from edgenas import optim
 from edgenas import parallel
 from edgenas import rundir
 from edgenas import space as space_lib
 from edgenas.nn import supernet as supernet_lib
+# Re-exported for the launchers, sweep and pipeline, which reach them through this module.
+from edgenas.console import say
+from edgenas.data import load_data
 
 ARCH_FILE = "arch.json"
 RESULT_FILE = "search.json"
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+WATCHED = ("train_ce", "val_ce", "expected_cost")  # the NaN stop looks at these
 
 
 class SearchConfigError(ValueError):
   pass
-
-
-def say(line: str) -> None:
-  """User-facing progress on stdout (absl INFO is full of orbax's own chatter)."""
-  if jax.process_index() == 0:
-    print(line, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -96,7 +91,7 @@ def tau_at(step: int, total: int, s) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The loop
+# Build, run, derive
 
 
 def build(config, dataset: data_lib.Dataset):
@@ -123,16 +118,9 @@ def build(config, dataset: data_lib.Dataset):
   probs = [supernet_lib.candidate_probs(a, s.relaxation) for a in uniform["alpha"]]
   cost_ref = float(cost_lib.expected_cost(op_cost, space, probs, supernet_lib.gate_fractions(space, uniform)))
   obj = objective_lib.Objective(space, objective_config(config, cost_ref), op_cost, memory_fn,
-                                objective_lib.weight_optimizer(config.weights, total),
-                                objective_lib.arch_optimizer(config.arch))
+                                optim.weight_optimizer(config.weights, total), optim.arch_optimizer(config.arch))
   return space, obj, dict(total=total, warmup=warmup, steps_per_epoch=steps_per_epoch, cost_ref=cost_ref,
                           cost_model=cost_desc)
-
-
-def load_data(config) -> data_lib.Dataset:
-  size = config.get("image_size", 0) or None
-  return data_lib.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
-                               val_fraction=config.val_fraction, seed=config.seed, image_size=size)
 
 
 def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) -> float:
@@ -159,7 +147,7 @@ def run_search(config, workdir: str) -> dict:
   dataset = load_data(config)
   space, obj, plan = build(config, dataset)
   s = config.search
-  total, warmup = plan["total"], plan["warmup"]
+  total, warmup, per_epoch = plan["total"], plan["warmup"], plan["steps_per_epoch"]
   mesh = parallel.make_mesh()
   shard, num_shards = parallel.process_shard()
   train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, config.seed, shard, num_shards)
@@ -174,56 +162,38 @@ def run_search(config, workdir: str) -> dict:
   weight_step = jax.jit(obj.weight_step, out_shardings=(repl, repl), donate_argnums=0)
   arch_step = jax.jit(obj.arch_step, out_shardings=(repl, repl), donate_argnums=0)
   eval_fn = jax.jit(obj.eval_step)
-  lr_at = objective_lib.weight_lr_schedule(config.weights, total)
+  lr_at = optim.weight_lr_schedule(config.weights, total)
+  batch_at = lambda stream, step: parallel.global_batch(dict(zip(("image", "label"), stream.batch_at(step))), mesh)
 
-  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
-      os.path.join(workdir, "checkpoints"), state, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  start = 0
-  if restored is not None:
-    state, start = restored.state, restored.step + 1
-    say(f"resuming from checkpoint step {restored.step}")
-  metrics = rundir.MetricsWriter(os.path.join(workdir, rundir.METRICS_FILE),
-                                 resume_step=restored.step if restored else -1)
-  progress = rundir.Progress(total, batch_size=s.batch_size, every_steps=config.log_every, start_step=start,
-                             log=say)
-  t_loop = time.time()
-  try:
-    for step in range(start, total):
-      tau = jnp.float32(tau_at(step, total, s))
-      tb = parallel.global_batch(dict(zip(("image", "label"), train_stream.batch_at(step))), mesh)
-      record = {}
-      if step >= warmup:  # DARTS order: α first, on validation data, then w
-        vb = parallel.global_batch(dict(zip(("image", "label"), val_stream.batch_at(step))), mesh)
-        state, a_metrics = arch_step(state, tb, vb, tau, jnp.float32(lr_at(step)))
-        record.update(a_metrics)
-      state, w_metrics = weight_step(state, tb, tau)
-      record.update(w_metrics)
-      record = {k: float(v) for k, v in record.items()}
-      bad = [k for k in ("train_ce", "val_ce", "expected_cost") if k in record and not math.isfinite(record[k])]
-      if bad:
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"{workdir}: {', '.join(bad)} became {record[bad[0]]} at step {step}; stopping. The last good "
-            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower config.weights.lr or "
-            f"config.arch.lr, or the penalty weight config.cost.lam.")
-      epoch_end = (step + 1) % plan["steps_per_epoch"] == 0 or step + 1 == total
-      if epoch_end:
-        record["val_acc_supernet"] = evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)
-      if epoch_end or (step + 1) % config.log_every == 0:
-        record.update(epoch=step // plan["steps_per_epoch"], tau=float(tau))
-        metrics.write(step, record)
-      progress.update(step)
-      if epoch_end:
-        say(f"  epoch {record['epoch'] + 1}/{s.epochs}: val acc (supernet) {record['val_acc_supernet']:.4f}"
+  def step_fn(state, step):
+    tau = jnp.float32(tau_at(step, total, s))
+    tb, metrics = batch_at(train_stream, step), {}
+    if step >= warmup:  # DARTS order: α first, on validation data, then w
+      state, metrics = arch_step(state, tb, batch_at(val_stream, step), tau, jnp.float32(lr_at(step)))
+    state, w_metrics = weight_step(state, tb, tau)
+    return state, metrics | w_metrics
+
+  def diverged(step, record):
+    bad = loop_lib.non_finite(record, WATCHED)
+    return f"{', '.join(bad)} became {record[bad[0]]} at step {step}" if bad else None
+
+  def log_fields(state, step, epoch_end):
+    fields = {"val_acc_supernet": evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)} if epoch_end else {}
+    return fields | dict(epoch=step // per_epoch, tau=float(np.float32(tau_at(step, total, s))))
+
+  def epoch_summary(record, _):
+    return (f"  epoch {record['epoch'] + 1}/{s.epochs}: val acc (supernet) {record['val_acc_supernet']:.4f}"
             + (f"  expected cost {record['expected_cost']:.4g}  α entropy {record['alpha_entropy']:.3f}"
                if "expected_cost" in record else "  (warm-up: weights only)"))
-      ckpt.save(step, state, {"step": step})
-    if total > 0:
-      ckpt.save(total - 1, state, {"step": total - 1}, force=True)
-  finally:
-    ckpt.close()
-    metrics.close()
-  t_end = time.time()
+
+  loop = loop_lib.Loop(
+      name=workdir, checkpoint_dir=os.path.join(workdir, "checkpoints"),
+      metrics_paths=[os.path.join(workdir, rundir.METRICS_FILE)], total_steps=total, steps_per_epoch=per_epoch,
+      images_per_step=s.batch_size, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      keep_checkpoints=config.keep_checkpoints,
+      advice="Lower config.weights.lr or config.arch.lr, or the penalty weight config.cost.lam.")
+  done = loop.run(state, step_fn, diverged=diverged, log_fields=log_fields, epoch_summary=epoch_summary)
+  state, t_end = done.state, time.time()
 
   arch = supernet_lib.derive(space, jax.device_get(state.arch), s.relaxation, name=config.get("name", ""))
   val_acc = evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)
@@ -235,7 +205,7 @@ def run_search(config, workdir: str) -> dict:
       probs=[np.asarray(p).round(4).tolist() for p in obj.probs(jax.device_get(state.arch))],
       alpha=[np.asarray(a).tolist() for a in jax.device_get(state.arch["alpha"])],
       candidates=[[c.name for c in slot.candidates] for slot in space.slots()],
-      seconds=dict(total=t_end - t_start, loop=t_end - t_loop), devices=jax.device_count())
+      seconds=dict(total=t_end - t_start, loop=done.seconds), devices=jax.device_count())
   if jax.process_index() == 0:
     arch.save(arch_path)
     rundir.atomic_write_json(result_path, result)

@@ -33,10 +33,13 @@ import ml_collections
 
 from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
-from edgenas import pareto as pareto_lib
+from edgenas import data as data_lib
+from edgenas import loop as loop_lib
 from edgenas import parallel
+from edgenas import pareto as pareto_lib
 from edgenas import rundir
 from edgenas import search as search_lib
+from edgenas.console import say
 
 SWEEP_FILE = "sweep.json"
 PARETO_FILE = "pareto.json"
@@ -200,7 +203,7 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
   if export:
     stages["export"] = _require_stage("export", "edgenas.export", "export_workdir")
   rundir.prepare_workdir(workdir, config)
-  search_lib.say(f"sweep: {len(members)} members ({', '.join(m.id for m in members)}), "
+  say(f"sweep: {len(members)} members ({', '.join(m.id for m in members)}), "
                  f"{'vectorised' if vectorize else 'one after another'}")
 
   results = _search_all(config, workdir, members, vectorize, chunk)
@@ -228,17 +231,17 @@ def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool
   for m in members:
     d = member_dir(workdir, m)
     if search_finished(d):
-      search_lib.say(f"{m.id}: search already finished; skipping it")
+      say(f"{m.id}: search already finished; skipping it")
       results[m.id] = rundir.read_json(os.path.join(d, search_lib.RESULT_FILE))
     else:
       todo.append(m)
   if not vectorize:
     for m in todo:
-      search_lib.say(f"{m.id}: searching in {member_dir(workdir, m)}")
+      say(f"{m.id}: searching in {member_dir(workdir, m)}")
       try:
         results[m.id] = search_lib.run_search(member_config(config, m), member_dir(workdir, m))
-      except search_lib.NonFiniteLossError as e:  # one diverging member does not end the sweep
-        search_lib.say(f"{m.id}: failed: {e}")
+      except loop_lib.NonFiniteLossError as e:  # one diverging member does not end the sweep
+        say(f"{m.id}: failed: {e}")
         results[m.id] = {"error": str(e)}
     return results
   from edgenas import population  # the vectorised search, only when asked for
@@ -249,8 +252,8 @@ def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool
     try:
       out = population.run_population_search([member_config(config, m) for m in group],
                                              [member_dir(workdir, m) for m in group], pop_dir, chunk)
-    except search_lib.NonFiniteLossError as e:
-      search_lib.say(f"population {pop_dir}: failed: {e}")
+    except loop_lib.NonFiniteLossError as e:
+      say(f"population {pop_dir}: failed: {e}")
       out = [{"error": str(e)}] * len(group)
     results.update({m.id: r for m, r in zip(group, out)})
   return results
@@ -307,7 +310,7 @@ class _SupernetScorer:
 
   def __init__(self, config):
     self.config = config
-    self.dataset = search_lib.load_data(config)
+    self.dataset = data_lib.load_data(config)
     space, self.obj, _ = search_lib.build(config, self.dataset)
     self.mesh = parallel.make_mesh()
     repl = parallel.replicated(self.mesh)
@@ -337,7 +340,7 @@ def _export_member(workdir: str, m: Member, record: dict, export_workdir) -> Non
   try:
     report = export_workdir(os.path.join(member_dir(workdir, m), RETRAIN_DIR), [m.platform])
   except ExportError as e:  # one network the device cannot take does not end the sweep; the record says why
-    search_lib.say(f"{m.id}: export failed: {e}")
+    say(f"{m.id}: export failed: {e}")
     record.update(export_error=str(e))
     return
   acc = report.get("accuracy", {})
@@ -352,7 +355,7 @@ def _retrain_baselines(config, workdir: str, platforms: Sequence[str], run_retra
   names = list(config.get("baselines", ()))
   if not names:
     return []
-  dataset = search_lib.load_data(config)
+  dataset = data_lib.load_data(config)
   out = []
   for name in names:
     arch = baselines_lib.baseline_architecture(name, dataset.input_shape, dataset.num_classes)
@@ -406,6 +409,6 @@ def write_outputs(workdir: str, records: Sequence[dict], baselines: Sequence[dic
     summary = pareto_lib.summary_markdown(records, front, key, baselines, notes)
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
       f.write(summary)
-    search_lib.say(f"sweep: {len(front)} of {len(records)} members on the front; wrote {SWEEP_FILE}, "
+    say(f"sweep: {len(front)} of {len(records)} members on the front; wrote {SWEEP_FILE}, "
                    f"{PARETO_FILE}, {PLOT_FILE}, {SUMMARY_FILE} in {workdir}")
   return sweep

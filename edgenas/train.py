@@ -6,16 +6,15 @@ label smoothing, random-shift (and, for flip-invariant data, flip) augmentation,
 (evaluation and export then use the EMA weights). The last `qat_epochs` epochs run quantization-aware through
 `edgenas.quant` (BN folded with frozen statistics, int8 fake quantization, tracked activation ranges).
 
-The run directory follows the search's rules: the resolved config (with the architecture) in `config.json`,
-orbax checkpoints every `checkpoint_every` steps, `metrics.jsonl`, progress lines with an ETA, and a restart on
-the same workdir resumes and ends exactly where an uninterrupted run would (batches and augmentation are functions
-of (seed, step)). At the end it writes the trained variables (`final/`, read back by `load_trained`) and
-`report.json`: float and fake-quant test accuracy, parameters, MACs, and the predicted latency, energy, peak SRAM
-and flash on each configured platform.
+The run directory follows the search's rules (both run in `edgenas.loop`): the resolved config (with the
+architecture) in `config.json`, orbax checkpoints every `checkpoint_every` steps, `metrics.jsonl`, progress lines
+with an ETA, and a restart on the same workdir resumes and ends exactly where an uninterrupted run would (batches
+and augmentation are functions of (seed, step)). At the end it writes the trained variables (`final/`, read back
+by `load_trained`) and `report.json`: float and fake-quant test accuracy, parameters, MACs, and the predicted
+latency, energy, peak SRAM and flash on each configured platform.
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -24,19 +23,20 @@ from typing import Any, Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
+from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
 from edgenas import data as data_lib
+from edgenas import loop as loop_lib
+from edgenas import optim
 from edgenas import parallel
 from edgenas import quant as quant_lib
 from edgenas import rundir
-from edgenas import space as space_lib
+from edgenas.console import say
 from edgenas.nn import model as model_lib
 from edgenas.objective import cross_entropy
-from edgenas.search import load_data, say
 
 ARCH_FILE = "arch.json"
 REPORT_FILE = "report.json"
@@ -50,10 +50,6 @@ CALIBRATION_IMAGES = 1024  # train images for post-training ranges when QAT is o
 
 class RetrainError(ValueError):
   """A retraining request that cannot work (config, arch.json vs dataset); the message names the field/file."""
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
 @flax.struct.dataclass
@@ -120,43 +116,13 @@ def platforms_of(config) -> list[str]:
   return names
 
 
-def check_compatible(arch: space_lib.Architecture, dataset: data_lib.Dataset, source: str) -> None:
+def check_compatible(arch: arch_lib.Architecture, dataset: data_lib.Dataset, source: str) -> None:
   if tuple(arch.input_shape) != tuple(dataset.input_shape):
     raise RetrainError(f"{source}: field 'input_shape' is {list(arch.input_shape)} but dataset "
                        f"'{dataset.name}' has images of {list(dataset.input_shape)}")
   if arch.num_classes != dataset.num_classes:
     raise RetrainError(f"{source}: field 'num_classes' is {arch.num_classes} but dataset '{dataset.name}' has "
                        f"{dataset.num_classes} classes")
-
-
-def lr_schedule(rc, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Float phase: linear warm-up from 0 to lr over warmup_epochs, then cosine decay to lr * lr_min_ratio by the
-  start of QAT. QAT phase: cosine decay from qat_lr to 0. QAT gets its own, much smaller rate because with BN
-  folded from frozen statistics nothing renormalises the layers any more: at the float phase's rates one step
-  is enough to wreck a trained network (measured: momentum SGD at 0.015 dropped digits train accuracy from
-  80% to 25%)."""
-  qat_steps = min(int(rc.qat_epochs * steps_per_epoch), total_steps)
-  float_steps = total_steps - qat_steps
-  warmup = min(int(rc.warmup_epochs * steps_per_epoch), max(0, float_steps - 1))
-  float_lr = optax.warmup_cosine_decay_schedule(0.0, rc.lr, warmup, max(float_steps, warmup + 1),
-                                                end_value=rc.lr * rc.get("lr_min_ratio", 0.0))
-  if not qat_steps:
-    return float_lr
-  qat_lr = optax.cosine_decay_schedule(rc.qat_lr, qat_steps)
-  return optax.join_schedules([float_lr, qat_lr], [float_steps])
-
-
-def _decay_mask(params):
-  """Weight decay on kernels only: BN scales/biases and biases are not decayed (standard practice)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-
-
-def make_optimizer(rc, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  lr = lr_schedule(rc, total_steps, steps_per_epoch)
-  if rc.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(rc.weight_decay, mask=_decay_mask),
-                       optax.sgd(lr, momentum=rc.get("momentum", 0.9), nesterov=True))
-  return optax.adamw(lr, weight_decay=rc.weight_decay, mask=_decay_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,11 +132,11 @@ def make_optimizer(rc, total_steps: int, steps_per_epoch: int) -> optax.Gradient
 class Trainer:
   """The jit-able pieces for one architecture and config: init, the float and QAT steps, evaluation."""
 
-  def __init__(self, arch: space_lib.Architecture, rc, total_steps: int, steps_per_epoch: int):
+  def __init__(self, arch: arch_lib.Architecture, rc, total_steps: int, steps_per_epoch: int):
     self.arch, self.rc = arch, rc
     self.net = model_lib.Net(arch)
-    self.tx = make_optimizer(rc, total_steps, steps_per_epoch)
-    self.lr = lr_schedule(rc, total_steps, steps_per_epoch)
+    self.tx = optim.retrain_optimizer(rc, total_steps, steps_per_epoch)
+    self.lr = optim.retrain_lr_schedule(rc, total_steps, steps_per_epoch)
     self.float_correct_jit = jax.jit(self.float_correct)
 
   def init_state(self, rng) -> RetrainState:
@@ -246,7 +212,7 @@ def accuracy(correct_fn, split: data_lib.Split, *args) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The loop
+# Running
 
 
 def training_split(dataset: data_lib.Dataset, use_val: bool) -> data_lib.Split:
@@ -257,15 +223,15 @@ def training_split(dataset: data_lib.Dataset, use_val: bool) -> data_lib.Split:
                         np.concatenate([dataset.train.labels, dataset.val.labels]))
 
 
-def _recorded_config(config, arch: space_lib.Architecture) -> dict:
+def _recorded_config(config, arch: arch_lib.Architecture) -> dict:
   """What a restart must match: the config and the architecture being trained."""
   return {"config": rundir.to_jsonable(config), "retrain_arch": arch.to_dict()}
 
 
-def _place_arch(arch: space_lib.Architecture, workdir: str) -> None:
+def _place_arch(arch: arch_lib.Architecture, workdir: str) -> None:
   path = os.path.join(workdir, ARCH_FILE)
   if os.path.exists(path):
-    existing = space_lib.Architecture.load(path)
+    existing = arch_lib.Architecture.load(path)
     if existing.hash() != arch.hash():
       raise RetrainError(f"{path} holds architecture {existing.hash()}, not {arch.hash()}: this workdir retrains "
                          f"another network. Use a new --workdir.")
@@ -274,7 +240,7 @@ def _place_arch(arch: space_lib.Architecture, workdir: str) -> None:
     arch.save(path)
 
 
-def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: Sequence[str] | None = None,
+def run_retrain(config, arch: arch_lib.Architecture, workdir: str, platforms: Sequence[str] | None = None,
                 source: str = "arch.json") -> dict:
   """Trains `arch` from scratch per `config.retrain`, writes `workdir/report.json`, returns the report.
 
@@ -293,9 +259,10 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
     return rundir.read_json(report_path)
 
   t_start = time.time()
-  dataset = load_data(config)
+  dataset = data_lib.load_data(config)
   check_compatible(arch, dataset, source)
-  train_split = training_split(dataset, rc.get("use_val", True))
+  use_val = rc.get("use_val", True)
+  train_split = training_split(dataset, use_val)
   parallel.check_batch_size(rc.batch_size)
   steps_per_epoch = len(train_split) // rc.batch_size
   if steps_per_epoch < 1:
@@ -318,51 +285,34 @@ def run_retrain(config, arch: space_lib.Architecture, workdir: str, platforms: S
   float_step = jax.jit(trainer.float_step, out_shardings=(repl, repl), donate_argnums=0)
   qat_step = jax.jit(trainer.qat_step, out_shardings=(repl, repl), donate_argnums=0)
 
-  ckpt, restored = ckpt_lib.Checkpointer.open_for_resume(
-      os.path.join(workdir, CHECKPOINT_DIR), state, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  start, seconds_before = 0, 0.0
-  if restored is not None:
-    state, start = restored.state, restored.step + 1
-    seconds_before = float(restored.metadata.get("train_seconds", 0.0))
-    say(f"resuming from checkpoint step {restored.step}")
-  metrics = rundir.MetricsWriter(os.path.join(workdir, rundir.METRICS_FILE),
-                                 resume_step=restored.step if restored else -1)
-  progress = rundir.Progress(max(1, total), batch_size=rc.batch_size, every_steps=config.log_every,
-                             start_step=start, log=say)
-  t_loop = time.time()
-  try:
-    for step in range(start, total):
-      images, labels = stream.batch_at(step)
-      images = data_lib.augment(images, np.random.default_rng([config.seed, step]), rc.max_shift, flip)
-      batch = _device_batch({"image": images, "label": labels}, mesh)
-      step_fn = qat_step if step >= qat_start else float_step
-      state, record = step_fn(state, batch)
-      record = {k: float(v) for k, v in record.items()}
-      if not math.isfinite(record["loss"]):
-        _stop_non_finite(workdir, ckpt, step, f"the loss became {record['loss']}")
-      epoch_end = (step + 1) % steps_per_epoch == 0
-      if epoch_end or (step + 1) % config.log_every == 0:
-        record.update(epoch=step // steps_per_epoch, qat=step >= qat_start)
-        if epoch_end and not rc.get("use_val", True):
-          record["val_acc"] = accuracy(trainer.float_correct_jit, dataset.val, trainer.eval_variables(state))
-        metrics.write(step, record)
-      progress.update(step)
-      try:
-        ckpt.save(step, state, {"step": step, "train_seconds": seconds_before + time.time() - t_loop})
-      except ckpt_lib.NonFiniteStateError:
-        _stop_non_finite(workdir, ckpt, step, "the parameters became NaN/Inf")
-    if total > 0:
-      ckpt.save(total - 1, state, {"step": total - 1, "train_seconds": seconds_before + time.time() - t_loop},
-                force=True)
-  finally:
-    ckpt.close()
-    metrics.close()
-  train_seconds = seconds_before + time.time() - t_loop
+  def step_fn(state, step):
+    images, labels = stream.batch_at(step)
+    images = data_lib.augment(images, np.random.default_rng([config.seed, step]), rc.max_shift, flip)
+    batch = _device_batch({"image": images, "label": labels}, mesh)
+    return (qat_step if step >= qat_start else float_step)(state, batch)
+
+  def diverged(step, record):
+    return f"the loss became {record['loss']} at step {step}" if loop_lib.non_finite(record, ("loss",)) else None
+
+  def log_fields(state, step, epoch_end):
+    fields = dict(epoch=step // steps_per_epoch, qat=step >= qat_start)
+    if epoch_end and not use_val:
+      fields["val_acc"] = accuracy(trainer.float_correct_jit, dataset.val, trainer.eval_variables(state))
+    return fields
+
+  loop = loop_lib.Loop(
+      name=workdir, checkpoint_dir=os.path.join(workdir, CHECKPOINT_DIR),
+      metrics_paths=[os.path.join(workdir, rundir.METRICS_FILE)], total_steps=total,
+      steps_per_epoch=steps_per_epoch, images_per_step=rc.batch_size, log_every=config.log_every,
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      advice="Lower config.retrain.lr.", carry_seconds=True)
+  done = loop.run(state, step_fn, diverged=diverged, log_fields=log_fields)
+  state = done.state
 
   report = _final_report(config, arch, trainer, state, dataset, train_split, qat_start < total, platform_names,
                          workdir)
   report["steps"] = total
-  report["seconds"] = dict(train=train_seconds, this_process=time.time() - t_start)
+  report["seconds"] = dict(train=done.train_seconds, this_process=time.time() - t_start)
   if jax.process_index() == 0:
     rundir.atomic_write_json(report_path, report)
   say(f"retrained {arch.hash()}: test acc float {report['test_acc_float']:.4f}, fake-quant int8 "
@@ -376,13 +326,6 @@ def _device_batch(batch: dict, mesh) -> dict:
   if jax.device_count() == 1:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   return parallel.global_batch(batch, mesh)
-
-
-def _stop_non_finite(workdir: str, ckpt: ckpt_lib.Checkpointer, step: int, what: str) -> None:
-  ckpt.wait()
-  raise NonFiniteLossError(
-      f"{workdir}: {what} at step {step}; stopping. The last good checkpoint is step "
-      f"{ckpt.latest_step()} in {ckpt.directory}. Lower config.retrain.lr.")
 
 
 def _final_report(config, arch, trainer: Trainer, state: RetrainState, dataset, train_split, qat: bool,
@@ -404,7 +347,7 @@ def _final_report(config, arch, trainer: Trainer, state: RetrainState, dataset, 
       ranges_source=ranges_source, platforms={name: platform_costs(arch, name) for name in platform_names})
 
 
-def platform_costs(arch: space_lib.Architecture, platform: str) -> dict:
+def platform_costs(arch: arch_lib.Architecture, platform: str) -> dict:
   """The predicted per-inference figures of `arch` on one platform (the energy model's estimate)."""
   from edgenas.energy import estimate  # the energy model, imported only where it is used
   e = estimate.estimate_architecture(arch, platform)
@@ -416,7 +359,7 @@ def platform_costs(arch: space_lib.Architecture, platform: str) -> dict:
 # The trained network, for the exporter
 
 
-def save_final(workdir: str, arch: space_lib.Architecture, variables, ranges) -> None:
+def save_final(workdir: str, arch: arch_lib.Architecture, variables, ranges) -> None:
   """Writes the variables evaluation used (EMA weights when enabled) and the activation ranges to
   `workdir/final` (orbax), replacing an earlier copy."""
   directory = os.path.join(workdir, FINAL_DIR)
@@ -427,13 +370,13 @@ def save_final(workdir: str, arch: space_lib.Architecture, variables, ranges) ->
               {"arch_hash": arch.hash()}, force=True)
 
 
-def load_trained(workdir: str) -> tuple[space_lib.Architecture, dict, dict]:
+def load_trained(workdir: str) -> tuple[arch_lib.Architecture, dict, dict]:
   """(arch, variables {"params", "batch_stats"}, activation ranges {tensor: [min, max]}) of a finished retrain.
 
   The variables are those the report's accuracies were measured with; feed them to
   `edgenas.nn.model.fold_batchnorm` / `forward_folded`. Ranges are as tracked by QAT (or calibrated after
   training when QAT was off); report.json's `ranges_source` says which."""
-  arch = space_lib.Architecture.load(os.path.join(workdir, ARCH_FILE))
+  arch = arch_lib.Architecture.load(os.path.join(workdir, ARCH_FILE))
   directory = os.path.join(workdir, FINAL_DIR)
   if not os.path.isdir(directory):
     raise RetrainError(f"{workdir}: no trained network ({FINAL_DIR}/ is missing); run launch.retrain on it first")

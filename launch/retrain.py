@@ -26,13 +26,14 @@ common.define_multihost_flags()
 def resolve_architecture(config, arch_flag, baseline_flag):
   """(Architecture, source name for messages) from --arch or --baseline."""
   from edgenas import architecture as arch_lib
-  from edgenas import baselines, search, train
+  from edgenas import baselines, train
+  from edgenas import data as data_lib
   if bool(arch_flag) == bool(baseline_flag):
     raise train.RetrainError("give exactly one of --arch (arch.json or a search workdir) and --baseline")
   if arch_flag:
     path = train.resolve_arch_path(arch_flag)
     return arch_lib.Architecture.load(path), path
-  dataset = search.load_data(config)
+  dataset = data_lib.load_data(config)
   return baselines.baseline_architecture(baseline_flag, dataset.input_shape, dataset.num_classes), baseline_flag
 
 

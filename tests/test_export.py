@@ -161,7 +161,7 @@ def test_c_sources_register_exactly_the_model_ops(exported):
   assert registered == [s["tflm_resolver"] for s in report["op_summary"]]
   for s in report["op_summary"]:  # each registration notes the versions the model uses
     assert re.search(rf"resolver\.{s['tflm_resolver']}\(\).*// .*{s['op']} v{s['version']} x{s['count']}", ops_h)
-  assert f"MicroMutableOpResolver<kEdgenasNumOps>" in ops_h and f"kEdgenasNumOps = {len(registered)}" in ops_h
+  assert "MicroMutableOpResolver<kEdgenasNumOps>" in ops_h and f"kEdgenasNumOps = {len(registered)}" in ops_h
   header = open(os.path.join(out, "model_data.h")).read()
   assert f"kEdgenasArenaBytes = {report['arena']['device_arena_bytes']};" in header
   assert f"kEdgenasInputZeroPoint = {report['quantization']['input']['zero_point']};" in header

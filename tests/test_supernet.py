@@ -1,7 +1,6 @@
 """The supernet's relaxations, channel gates, expected cost and derivation, and the exact second-order step."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

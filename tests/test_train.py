@@ -11,17 +11,19 @@ import jax
 import numpy as np
 import pytest
 
+from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
+from edgenas import data as data_lib
+from edgenas import optim
 from edgenas import quant
 from edgenas import rundir
-from edgenas import space
 from edgenas import train
 from experiments import digits
 from launch import retrain as retrain_launcher
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH = space.Architecture((8, 8, 1), 10, space.Stem(8, 3, 1), (space.Layer(space.MBCONV, 8, 8, 1, 3, 3, 16),),
-                          name="tiny")
+ARCH = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(8, 3, 1),
+                             (arch_lib.Layer(arch_lib.MBCONV, 8, 8, 1, 3, 3, 16),), name="tiny")
 # Two epochs of 47 steps (batch 32 over train + val), the second quantization-aware.
 OVERRIDES = dict(epochs=2, qat_epochs=1, warmup_epochs=0, batch_size=32, lr=0.1, qat_lr=5e-4)
 RUN = dict(checkpoint_every=10, log_every=10, keep_checkpoints=2)
@@ -82,7 +84,7 @@ def test_load_trained_gives_the_evaluated_network(straight):
   arch, variables, ranges = train.load_trained(workdir)
   assert arch == ARCH and set(ranges) == set(quant.activation_names(ARCH))
   trainer = train.Trainer(arch, tiny_config().retrain, 94, 47)
-  dataset = train.load_data(tiny_config())
+  dataset = data_lib.load_data(tiny_config())
   assert train.accuracy(trainer.float_correct_jit, dataset.test, variables) == report["test_acc_float"]
   acc_fq = train.accuracy(jax.jit(trainer.fake_quant_correct), dataset.test, variables, ranges)
   assert acc_fq == report["test_acc_fake_quant"]
@@ -143,10 +145,10 @@ def test_malformed_arch_json_names_the_file_and_field(tmp_path):
   path = tmp_path / "arch.json"
   path.write_text('{"version": 1, "input_shape": [8, 8, 1], "num_classes": 10, "stem": {"channels": 8, '
                   '"kernel": 3}, "layers": []}')
-  with pytest.raises(space.SpaceError, match=r"arch.json: missing field 'stem.stride'"):
+  with pytest.raises(arch_lib.ArchitectureError, match=r"arch.json: missing field 'stem.stride'"):
     retrain_launcher.retrain(tiny_config(), str(path), None, str(tmp_path / "w"), None)
   path.write_text("{not json")
-  with pytest.raises(space.SpaceError, match="not valid JSON"):
+  with pytest.raises(arch_lib.ArchitectureError, match="not valid JSON"):
     retrain_launcher.retrain(tiny_config(), str(tmp_path), None, str(tmp_path / "w"), None)  # a workdir holding it
   (tmp_path / "empty").mkdir()
   with pytest.raises(train.RetrainError, match="without an arch.json"):
@@ -156,8 +158,8 @@ def test_malformed_arch_json_names_the_file_and_field(tmp_path):
 
 
 @pytest.mark.parametrize("arch, field", [
-    (space.Architecture((16, 16, 1), 10, space.Stem(8, 3, 1), ()), "input_shape"),
-    (space.Architecture((8, 8, 1), 5, space.Stem(8, 3, 1), ()), "num_classes"),
+    (arch_lib.Architecture((16, 16, 1), 10, arch_lib.Stem(8, 3, 1), ()), "input_shape"),
+    (arch_lib.Architecture((8, 8, 1), 5, arch_lib.Stem(8, 3, 1), ()), "num_classes"),
 ])
 def test_arch_incompatible_with_the_dataset_is_rejected(tmp_path, arch, field):
   with pytest.raises(train.RetrainError, match=f"incompatible.json: field '{field}'.*dataset 'digits'"):
@@ -169,7 +171,7 @@ def test_checkpoint_of_another_architecture_is_refused(straight, tmp_path):
   workdir = tmp_path / "other"
   workdir.mkdir()
   shutil.copytree(os.path.join(straight_dir, "checkpoints"), workdir / "checkpoints")
-  other = space.Architecture((8, 8, 1), 10, space.Stem(12, 3, 1), (), name="other")
+  other = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(12, 3, 1), (), name="other")
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different structure"):
     train.run_retrain(tiny_config(), other, str(workdir))
 
@@ -183,7 +185,7 @@ def test_bad_retrain_config_names_the_field(tmp_path):
 
 def test_schedule_warms_up_decays_and_restarts_small_for_qat():
   rc = tiny_config(epochs=10, qat_epochs=2, warmup_epochs=2, lr=0.1, qat_lr=1e-3).retrain
-  lr = train.lr_schedule(rc, total_steps=100, steps_per_epoch=10)
+  lr = optim.retrain_lr_schedule(rc, total_steps=100, steps_per_epoch=10)
   assert float(lr(0)) == 0.0
   assert float(lr(20)) == pytest.approx(0.1)
   assert float(lr(79)) < 0.01  # the float phase has annealed by the time QAT starts

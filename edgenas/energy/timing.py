@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from edgenas.device.plugin import CLASS_COUNTERS as COUNTERS  # what the plugin counts, in its order
-from edgenas.device.plugin import INSTRUCTION_CLASSES  # the exclusive ones: they sum to the instructions
+from edgenas.device import plugin
 from edgenas.energy.errors import EnergyModelError
+
+COUNTERS = plugin.CLASS_COUNTERS  # what the plugin counts, in its order
+INSTRUCTION_CLASSES = plugin.INSTRUCTION_CLASSES  # the exclusive ones: they sum to the instruction count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -352,7 +352,6 @@ def export_workdir(workdir: str, platforms: Sequence[str] = (), out_dir: Optiona
 
   Platforms default to the retrain config's (`retrain.platforms`, else `cost.platform`). QAT ranges are used when
   the retrain tracked them (`ranges_source: qat_ema_minmax` in its report.json)."""
-  from edgenas import search as search_lib
   from edgenas import train as train_lib
 
   report_path = os.path.join(workdir, train_lib.REPORT_FILE)
@@ -364,7 +363,7 @@ def export_workdir(workdir: str, platforms: Sequence[str] = (), out_dir: Optiona
   arch, variables, ranges = train_lib.load_trained(workdir)
   qat = retrain_report.get("ranges_source") == "qat_ema_minmax"
   platforms = list(platforms) or train_lib.platforms_of(config)
-  dataset = search_lib.load_data(config)
+  dataset = data_lib.load_data(config)
   extra = dict(retrain=dict(workdir=os.path.abspath(workdir), test_acc_float=retrain_report.get("test_acc_float"),
                             test_acc_fake_quant=retrain_report.get("test_acc_fake_quant"),
                             ranges_source=retrain_report.get("ranges_source")))
@@ -396,10 +395,9 @@ def export_checkpoint(arch_path: str, checkpoint_dir: str, config, out_dir: str,
                       qat_ranges: bool, **kwargs) -> dict:
   """Exports an arch.json with variables from `checkpoint_dir` (see `load_checkpoint`); the dataset comes from
   `config` (its dataset, data_dir, image_size, val_fraction and seed fields)."""
-  from edgenas import search as search_lib
 
   arch = arch_lib.Architecture.load(arch_path)
   variables, ranges = load_checkpoint(arch, checkpoint_dir)
-  dataset = search_lib.load_data(config)
+  dataset = data_lib.load_data(config)
   return export_model(arch, variables, dataset, out_dir, platforms, quant_state=ranges if qat_ranges else None,
                       seed=config.get("seed", 0), **kwargs)

@@ -20,7 +20,6 @@ search): candidates that rarely run would otherwise carry stale running statisti
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
