@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from edgenas import checkpoint as ckpt_lib
-from edgenas import rundir
+from edgenas import metrics as metrics_lib
 from edgenas.console import say
 
 Record = dict[str, Any]
@@ -84,10 +84,11 @@ class Loop:
       writers = []
       if jax.process_index() == 0:
         for path in self.metrics_paths:
-          writers.append(rundir.MetricsWriter(path, resume_step=restored.step if restored else -1))
+          writers.append(metrics_lib.MetricsWriter(path, resume_step=restored.step if restored else -1))
           closing.callback(writers[-1].close)
-      progress = rundir.Progress(max(1, total), batch_size=self.images_per_step, every_steps=self.log_every,
-                                 start_step=start, log=log)
+      # Steps/s and uptime go to TensorBoard beside the metrics (the first member's, for a population).
+      progress = metrics_lib.Progress(max(1, total), batch_size=self.images_per_step, every_steps=self.log_every,
+                                 start_step=start, log=log, writer=writers[0].tensorboard if writers else None)
       t_loop = time.time()
 
       def save(step: int, state, force: bool = False) -> None:

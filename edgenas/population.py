@@ -14,7 +14,7 @@ device count is padded with copies of its last member, whose results are dropped
 
 Under vmap, the Gumbel relaxation's `lax.switch` becomes a `select`: every candidate runs for every member. The
 per-step arithmetic is then that of the softmax relaxation; what a population saves on CPU is compile,
-initialisation and data time (see /work/shared/ARCHITECTURE.md and benchmarks/sweep.py). `chunk` trades that
+initialisation and data time (measured by benchmarks/sweep.py; README "Sweeps and Pareto fronts"). `chunk` trades that
 off: members are stepped `chunk` at a time (`jax.lax.map` over the population, vmapped within a chunk); `chunk=1`
 is a loop over members inside the one compiled program, where each member's switch runs only its sampled branch.
 """

@@ -8,6 +8,7 @@ import pytest
 
 from edgenas import checkpoint as ckpt_lib
 from edgenas import data
+from edgenas import metrics as metrics_lib
 from edgenas import rundir
 
 TOTAL_STEPS = 12
@@ -50,7 +51,7 @@ def _train(digits, workdir, stop_after=None):
     if restored:
       state, start = restored.state, restored.step + 1
       assert restored.metadata["train_epoch"] == train.position(restored.step)[0]
-    with rundir.MetricsWriter(f"{workdir}/metrics.jsonl", resume_step=restored.step if restored else -1) as metrics:
+    with metrics_lib.MetricsWriter(f"{workdir}/metrics.jsonl", resume_step=restored.step if restored else -1) as metrics:
       for step in range(start, TOTAL_STEPS):
         state, loss = train_step(state, *train.batch_at(step))
         val_loss = loss_fn(state["params"], *val.batch_at(step))
@@ -68,6 +69,6 @@ def test_interrupted_run_resumes_to_the_same_result(digits, tmp_path):
     _train(digits, resumed_dir, stop_after=6)  # dies after step 6; the last checkpoint is step 4
   resumed = _train(digits, resumed_dir)
   np.testing.assert_array_equal(np.asarray(resumed["params"]["w"]), np.asarray(straight["params"]["w"]))
-  assert (rundir.read_metrics(f"{resumed_dir}/metrics.jsonl")
-          == rundir.read_metrics(str(tmp_path / "straight" / "metrics.jsonl")))
-  assert [r["step"] for r in rundir.read_metrics(f"{resumed_dir}/metrics.jsonl")] == list(range(TOTAL_STEPS))
+  assert (metrics_lib.read_metrics(f"{resumed_dir}/metrics.jsonl")
+          == metrics_lib.read_metrics(str(tmp_path / "straight" / "metrics.jsonl")))
+  assert [r["step"] for r in metrics_lib.read_metrics(f"{resumed_dir}/metrics.jsonl")] == list(range(TOTAL_STEPS))

@@ -9,7 +9,7 @@ import pytest
 
 from edgenas import checkpoint as ckpt_lib
 from edgenas import loop as loop_lib
-from edgenas import rundir
+from edgenas import metrics as metrics_lib
 
 
 class Crash(Exception):
@@ -67,7 +67,7 @@ def test_metrics_progress_and_checkpoints_follow_the_cadence(tmp_path):
   assert int(result.state["n"]) == 10
   # Every log_every-th step, and each epoch's last step (the run's last step ends its short epoch).
   assert calls == [(2, False), (3, True), (5, False), (7, True), (8, False), (9, True)]
-  records = rundir.read_metrics(str(tmp_path / "metrics.jsonl"))
+  records = metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [r["step"] for r in records] == [2, 3, 5, 7, 8, 9]
   assert set(records[0]) == {"step", "loss", "epoch"} and isinstance(records[0]["loss"], float)
   # Progress every log_every steps done and at the end; an epoch's summary after that step's progress line.
@@ -135,7 +135,7 @@ def test_a_population_writes_each_member_its_own_metrics(tmp_path):
   make_loop(tmp_path, metrics_paths=paths, total_steps=4).run(
       init_state(), population_step, diverged=loss_diverged, log=quiet,
       log_fields=lambda state, step, epoch_end: {"acc": np.array([0.5, 0.25]), "epoch": 0})
-  a, b = (rundir.read_metrics(path) for path in paths)
+  a, b = (metrics_lib.read_metrics(path) for path in paths)
   assert a == [dict(step=2, loss=3.0, acc=0.5, epoch=0), dict(step=3, loss=4.0, acc=0.5, epoch=0)]
   assert b == [dict(step=2, loss=6.0, acc=0.25, epoch=0), dict(step=3, loss=8.0, acc=0.25, epoch=0)]
 
@@ -143,7 +143,7 @@ def test_a_population_writes_each_member_its_own_metrics(tmp_path):
 def test_metrics_files_and_checkpointer_are_closed_when_a_run_fails(tmp_path, monkeypatch):
   closed = []
 
-  class SpyWriter(rundir.MetricsWriter):
+  class SpyWriter(metrics_lib.MetricsWriter):
     def close(self):
       closed.append(self.path)
       super().close()
@@ -154,7 +154,7 @@ def test_metrics_files_and_checkpointer_are_closed_when_a_run_fails(tmp_path, mo
     closed.append("checkpointer")
     checkpointer_close(self)
 
-  monkeypatch.setattr(rundir, "MetricsWriter", SpyWriter)
+  monkeypatch.setattr(metrics_lib, "MetricsWriter", SpyWriter)
   monkeypatch.setattr(ckpt_lib.Checkpointer, "close", spy_close)
 
   def crashing(state, step):

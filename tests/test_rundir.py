@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from edgenas import metrics as metrics_lib
 from edgenas import rundir
 
 
@@ -68,7 +69,7 @@ def test_config_differences_are_leaf_paths():
 
 def test_metrics_lines_are_flushed_and_jsonable(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
-  writer = rundir.MetricsWriter(path)
+  writer = metrics_lib.MetricsWriter(path)
   writer.write(0, {"loss": jnp.float32(1.5), "acc": np.float64(0.25), "alpha": np.array([0.5, 0.5]),
                    "nan_loss": float("nan")})
   with open(path) as f:  # readable before close: flushed per line
@@ -79,32 +80,32 @@ def test_metrics_lines_are_flushed_and_jsonable(tmp_path):
 
 def test_resume_drops_lines_after_restored_step_and_partial_lines(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
-  with rundir.MetricsWriter(path) as writer:
+  with metrics_lib.MetricsWriter(path) as writer:
     for step in range(6):
       writer.write(step, {"loss": 1.0 / (step + 1)})
   with open(path, "a") as f:
     f.write('{"step": 6, "lo')  # killed mid-write
-  with rundir.MetricsWriter(path, resume_step=3) as writer:
+  with metrics_lib.MetricsWriter(path, resume_step=3) as writer:
     for step in range(4, 8):
       writer.write(step, {"loss": 1.0 / (step + 1)})
-  with rundir.MetricsWriter(str(tmp_path / "straight.jsonl")) as writer:
+  with metrics_lib.MetricsWriter(str(tmp_path / "straight.jsonl")) as writer:
     for step in range(8):
       writer.write(step, {"loss": 1.0 / (step + 1)})
-  assert rundir.read_metrics(path) == rundir.read_metrics(str(tmp_path / "straight.jsonl"))
-  assert [r["step"] for r in rundir.read_metrics(path)] == list(range(8))
+  assert metrics_lib.read_metrics(path) == metrics_lib.read_metrics(str(tmp_path / "straight.jsonl"))
+  assert [r["step"] for r in metrics_lib.read_metrics(path)] == list(range(8))
 
 
 def test_read_metrics_names_a_bad_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 0}\nnot json\n')
   with pytest.raises(rundir.RunDirError, match=r"metrics.jsonl: line 2"):
-    rundir.read_metrics(str(path))
+    metrics_lib.read_metrics(str(path))
 
 
 def test_progress_lines_show_step_rates_and_eta():
   now = [0.0]
   lines = []
-  progress = rundir.Progress(100, batch_size=32, every_steps=10, clock=lambda: now[0], log=lines.append)
+  progress = metrics_lib.Progress(100, batch_size=32, every_steps=10, clock=lambda: now[0], log=lines.append)
   for step in range(100):
     now[0] += 5.0 if step == 0 else 0.5  # a slow first (compiling) step
     logged = progress.update(step)
@@ -117,7 +118,7 @@ def test_progress_lines_show_step_rates_and_eta():
 def test_progress_resumed_and_last_step():
   now = [10.0]
   lines = []
-  progress = rundir.Progress(25, every_steps=10, start_step=12, clock=lambda: now[0], log=lines.append)
+  progress = metrics_lib.Progress(25, every_steps=10, start_step=12, clock=lambda: now[0], log=lines.append)
   for step in range(12, 25):
     now[0] += 1.0
     progress.update(step)

@@ -16,6 +16,7 @@ from edgenas import checkpoint as ckpt_lib
 from edgenas import data as data_lib
 from edgenas import optim
 from edgenas import quant
+from edgenas import metrics as metrics_lib
 from edgenas import rundir
 from edgenas import train
 from experiments import digits
@@ -67,7 +68,7 @@ def test_report_holds_accuracy_costs_and_qat_ranges(straight):
   assert costs["energy_uj"] > 0 and costs["latency_ms"] > 0 and costs["flash_bytes"] > costs["weight_bytes"] > 0
   assert costs["peak_sram_bytes"] >= ARCH.peak_activation_bytes()
   assert report["steps"] == 94 and report["seconds"]["train"] > 0
-  records = rundir.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert [r["qat"] for r in records if r["step"] in (46, 93)] == [False, True]
   assert all(np.isfinite(r["loss"]) for r in records)
 
@@ -118,9 +119,9 @@ def test_resume_after_sigkill_ends_with_the_same_result(straight, tmp_path):
   _, resumed_vars, _ = train.load_trained(workdir)
   _, straight_vars, _ = train.load_trained(straight_dir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed_vars, straight_vars)
-  resumed_metrics = rundir.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  resumed_metrics = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in resumed_metrics] == [
-      r["step"] for r in rundir.read_metrics(os.path.join(straight_dir, "metrics.jsonl"))]
+      r["step"] for r in metrics_lib.read_metrics(os.path.join(straight_dir, "metrics.jsonl"))]
 
 
 def test_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
