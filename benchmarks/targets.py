@@ -1,7 +1,7 @@
-"""On-target figures, as JSON: each model byte-exact on emulated Cortex-M4, Cortex-M7 and RV32 cores, with its
+"""On-target figures, as JSON: each model byte-exact on emulated Cortex-M4, M7, M33 and RV32 cores, with its
 instructions per inference and per operator, the arena and flash it uses, and the memory model next to them.
 
-  python -m benchmarks.targets [--targets=cortex-m4,cortex-m7,rv32imac] [--images=16]
+  python -m benchmarks.targets [--targets=cortex-m4,cortex-m7,cortex-m33,rv32imac] [--images=16]
 
 Two steps, per target:
   1. Calibrate the device memory model (writes edgenas/device/code_size.json): one program per operator type (a

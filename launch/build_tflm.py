@@ -11,7 +11,8 @@ from absl import app, flags
 
 from launch import common
 
-_TARGETS = flags.DEFINE_string("targets", "all", "Comma-separated targets (cortex-m4, cortex-m7, rv32imac) or all.")
+_TARGETS = flags.DEFINE_string("targets", "all",
+                               "Comma-separated targets (cortex-m4, cortex-m7, cortex-m33, rv32imac) or all.")
 
 
 def build(names: str) -> None:

@@ -31,7 +31,7 @@ _STRICT = flags.DEFINE_bool("strict", True, "Fail when the int8 accuracy or argm
 _CPU = flags.DEFINE_string("cpu", "cortex-m7+fp", "Cortex-M core for Makefile.cortex_m (TFLM TARGET_ARCH name).")
 _RISCV_ARCH = flags.DEFINE_string("riscv_arch", "rv32imac", "RISC-V ISA for Makefile.riscv32 (rv32imc, rv32imac).")
 _TARGETS = flags.DEFINE_list("targets", [], "Emulated cores to build for and run on under QEMU, every output byte "
-                             "checked against the host (cortex-m4, cortex-m7, rv32imac, or all).")
+                             "checked against the host (cortex-m4, cortex-m7, cortex-m33, rv32imac, or all).")
 _TARGET_IMAGES = flags.DEFINE_integer("target_images", 16, "Test images each target runs.")
 
 

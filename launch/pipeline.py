@@ -14,7 +14,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it ex
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also retrain the baselines for the comparison table.")
 _EXPORT = flags.DEFINE_bool("export", True, "Export and verify the searched network in TFLite Micro.")
 _TARGETS = flags.DEFINE_list("targets", None, "Emulated cores the export runs on, byte-exact against the host "
-                             "(cortex-m4, cortex-m7, rv32imac); default: the platform's own core; '' for none.")
+                             "(cortex-m4, cortex-m7, cortex-m33, rv32imac); default: the platform's own core; '' "
+                             "for none.")
 common.define_multihost_flags()
 
 

@@ -32,7 +32,7 @@ flags.DEFINE_enum("backend", "host", ["host", "emulate", "board", "parse_log", "
 flags.DEFINE_string("out", None, "LUT CSV to write (host, parse_log); counts CSV (emulate, default "
                     "edgenas/energy/platforms/counts_<target>.csv).")
 flags.DEFINE_string("target", None, "Emulated cores to count the grid on (emulate), comma-separated: cortex-m4, "
-                    "cortex-m7, rv32imac.")
+                    "cortex-m7, cortex-m33, rv32imac.")
 flags.DEFINE_string("build_dir", None, "Where the emulate backend builds its programs (default: a temp dir).")
 flags.DEFINE_string("out_dir", None, "Directory for the board benchmark program (board).")
 flags.DEFINE_string("log", None, "Serial log captured from the board program (parse_log).")

@@ -1,4 +1,4 @@
-"""Run any int8 .tflite on emulated Cortex-M4, Cortex-M7 and RV32 cores, byte-exact against the host TFLM.
+"""Run any int8 .tflite on emulated Cortex-M4, M7, M33 and RV32 cores, byte-exact against the host TFLM.
 
   python -m launch.run_on_target --model=testdata/kws_dscnn_int8.tflite --targets=cortex-m4,cortex-m7,rv32imac
 

@@ -15,7 +15,7 @@ from edgenas.device import errors, memory, plugin, runner, targets, tflm
 from edgenas.energy import tflite_graph
 from edgenas.export import verify
 
-TARGETS = ("cortex-m4", "cortex-m7", "rv32imac")
+TARGETS = ("cortex-m4", "cortex-m7", "cortex-m33", "rv32imac")
 MODELS = ("kws_dscnn_int8.tflite", "ic_resnet8_int8.tflite")
 
 
@@ -144,9 +144,13 @@ def test_launcher_reports_one_line_for_a_missing_qemu(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+CORTEX_M_CLASSES = {"smlad": "mul", "sdiv": "div", "bne": "cond_branch", "cbz": "cond_branch", "bl": "branch",
+                    "push": "mem_multi", "ldrd": "mem_pair", "sxtb16": "alu", "it": "other"}
+
+
 @pytest.mark.parametrize("target,expected", [
-    ("cortex-m4", {"smlad": "mul", "sdiv": "div", "bne": "cond_branch", "cbz": "cond_branch", "bl": "branch",
-                   "push": "mem_multi", "ldrd": "mem_pair", "sxtb16": "alu", "it": "other"}),
+    ("cortex-m4", CORTEX_M_CLASSES),
+    ("cortex-m33", CORTEX_M_CLASSES),  # the same Thumb-2 DSP code path of CMSIS-NN on ARMv8-M Mainline
     ("rv32imac", {"lw": "load", "sw": "store", "mul": "mul", "divu": "div", "beqz": "cond_branch", "jalr": "branch",
                   "addi": "alu"})])
 def test_plugin_counts_instructions_by_class(target, expected, tmp_path):

@@ -31,10 +31,10 @@ def test_no_two_platforms_tables_are_proportional(a, b):
   Cortex-M4 and Cortex-M7 boards, which run the same CMSIS-NN source: their core timings price the operators'
   instruction mixes differently.
 
-  One measured, explained exception: efr32mg24 (Cortex-M33 priced with Arm's Cortex-M4 table, as Arm publishes
-  none for the M33) against stm32h7a3 (Cortex-M7) reaches a CoV of 7.7%. The EFR32's MVP accelerator runs its
-  convolutions and is not modelled (its fitted scale, 0.23, says the board runs 4.4x faster than its core could),
-  so its table is its core's, weighted by its flash term. That pair must still differ by 5%."""
+  One measured, explained exception: efr32mg24 (Cortex-M33 counts priced with Arm's Cortex-M4 table, as Arm
+  publishes none for the M33) against stm32h7a3 (Cortex-M7) reaches a CoV of 7.0%. The EFR32's MVP accelerator
+  runs its convolutions and is not modelled (its fitted scale, 0.22, says the board runs 4.5x faster than its core
+  could), so its table is its core's, weighted by its flash term. That pair must still differ by 5%."""
   explained = {"efr32mg24_tflm", "stm32h7a3_xcubeai"}
   rows_a = {r.spec(): r.latency_ms_mean for r in lut_lib.load_lut(platform_lib.load_platform(a).lut_path)}
   rows_b = {r.spec(): r.latency_ms_mean for r in lut_lib.load_lut(platform_lib.load_platform(b).lut_path)}

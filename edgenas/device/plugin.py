@@ -246,8 +246,8 @@ def symbol_address(elf_path: str, name: str, nm: str = "arm-none-eabi-nm") -> in
 
 
 def memory_ranges(elf_path: str, nm: str = "arm-none-eabi-nm") -> tuple[tuple[int, int], tuple[int, int]]:
-  """(flash, ram) address ranges [start, limit) of the regions cortex_m_mps2.ld / riscv_virt.ld define, for
-  the plugin's flash= and ram= arguments."""
+  """(flash, ram) address ranges [start, limit) of the regions the board's linker script (cortex_m_sections.ld
+  under each Cortex-M board's memory map, riscv_virt.ld) defines, for the plugin's flash= and ram= arguments."""
   table = elf_symbols(elf_path, nm)
   names = ("__edgenas_flash_start", "__edgenas_flash_limit", "__edgenas_ram_start", "__edgenas_ram_limit")
   missing = [n for n in names if n not in table]

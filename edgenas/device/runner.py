@@ -154,11 +154,11 @@ def host_outputs(host, samples: np.ndarray) -> np.ndarray:
 
 def _support_sources(target: targets_lib.Target) -> tuple[list[str], list[str]]:
   """(sources to compile, extra link flags) of the emulator board: start-up code, linker script, exit path."""
+  script = ["-T", os.path.join(SUPPORT_DIR, target.linker_script)]
   if target.family == "cortex_m":
-    return ([os.path.join(SUPPORT_DIR, "startup_cortex_m.c")],
-            ["-T", os.path.join(SUPPORT_DIR, "cortex_m_mps2.ld")])
-  return ([os.path.join(SUPPORT_DIR, "riscv_virt.c"), os.path.join(SUPPORT_DIR, "riscv_cxx.cc")],
-          ["-T", os.path.join(SUPPORT_DIR, "riscv_virt.ld")])
+    # -L: ld finds the board scripts' shared `INCLUDE cortex_m_sections.ld` on the library path.
+    return [os.path.join(SUPPORT_DIR, "startup_cortex_m.c")], script + ["-L", SUPPORT_DIR]
+  return [os.path.join(SUPPORT_DIR, "riscv_virt.c"), os.path.join(SUPPORT_DIR, "riscv_cxx.cc")], script
 
 
 def build_program(target: targets_lib.Target, library: tflm_lib.Library, directory: str, model_name: str,

@@ -1,11 +1,15 @@
 /*
  * Start-up code for edgenas programs on the Cortex-M cores of QEMU's MPS2 boards
- * (mps2-an386: Cortex-M4F, mps2-an500: Cortex-M7), linked with cortex_m_mps2.ld,
- * -nostartfiles and newlib's rdimon (semihosting) C library.
+ * (mps2-an386: Cortex-M4F, mps2-an500: Cortex-M7, mps2-an505: Cortex-M33 in
+ * Secure state), linked with the board's script (cortex_m_mps2.ld,
+ * cortex_m_mps2_an505.ld, both around cortex_m_sections.ld), -nostartfiles and
+ * newlib's rdimon (semihosting) C library.
  *
- * Reset: enable the FPU, copy .data from flash, zero .bss, open the semihosting
- * console (initialise_monitor_handles), run the constructors, call main() and
- * exit() with its result. exit() flushes stdio; the _exit() below then ends QEMU
+ * Reset: point VTOR at the vector table, enable the FPU, on ARMv8-M set the
+ * main stack limit (MSPLIM: an overflow faults instead of running into .bss),
+ * copy .data from flash, zero .bss, open the semihosting console
+ * (initialise_monitor_handles), run the constructors, call main() and exit()
+ * with its result. exit() flushes stdio; the _exit() below then ends QEMU
  * with semihosting SYS_EXIT_EXTENDED, so qemu-system-arm's exit status is the
  * guest's exit code (low 8 bits; a non-zero code whose low 8 bits are 0 exits 1).
  *
@@ -19,13 +23,14 @@
 
 #define EDGENAS_FAULT_EXIT_CODE 99
 
-/* Symbols of cortex_m_mps2.ld. */
+/* Symbols of cortex_m_sections.ld. */
 extern uint32_t __edgenas_data_load[];
 extern uint32_t __edgenas_data_start[];
 extern uint32_t __edgenas_data_end[];
 extern uint32_t __edgenas_bss_start[];
 extern uint32_t __edgenas_bss_end[];
 extern uint32_t __edgenas_stack_top[];
+extern uint32_t __edgenas_stack_limit[];
 
 extern int main(void);
 extern void initialise_monitor_handles(void);
@@ -83,9 +88,19 @@ void __attribute__((weak)) _fini(void) {}
 
 /* ---- reset ---- */
 
+typedef void (*edgenas_vector_t)(void);
+extern const edgenas_vector_t edgenas_vectors[];
+
 void edgenas_reset(void) {
+  /* VTOR: the boards boot from their table (at 0, or INITSVTOR0 = 0x10000000 on the an505); say so anyway. */
+  *(volatile uint32_t *)0xE000ED08u = (uint32_t)edgenas_vectors;
+#if defined(__ARM_ARCH_8M_MAIN__) || defined(__ARM_ARCH_8M_BASE__) || defined(__ARM_ARCH_8_1M_MAIN__)
+  /* Reset leaves MSPLIM at 0 (no limit); a push below the reserved stack now faults (STKOF in CFSR). */
+  __asm__ volatile("msr msplim, %0" : : "r"(__edgenas_stack_limit) : "memory");
+#endif
 #if defined(__ARM_FP)
-  /* CPACR: full access to CP10 and CP11 (the FPU), before any floating-point instruction. */
+  /* CPACR: full access to CP10 and CP11 (the FPU), before any floating-point instruction (on ARMv8-M the
+     Secure CPACR, the state the an505 runs in). */
   volatile uint32_t *cpacr = (volatile uint32_t *)0xE000ED88u;
   *cpacr |= 0xFu << 20;
   __asm__ volatile("dsb\n\tisb" ::: "memory");
@@ -107,6 +122,7 @@ static const char *exception_name(uint32_t number) {
     case 4: return "MemManage";
     case 5: return "BusFault";
     case 6: return "UsageFault";
+    case 7: return "SecureFault";
     case 11: return "SVCall";
     case 12: return "DebugMonitor";
     case 14: return "PendSV";
@@ -130,10 +146,17 @@ static char *append_hex(char *p, const char *label, uint32_t value) {
 
 /*
  * Entered from every vector but reset: pass the stacked exception frame (on MSP or
- * PSP, as EXC_RETURN bit 2 says), IPSR and EXC_RETURN to the reporter.
+ * PSP, as EXC_RETURN bit 2 says), IPSR and EXC_RETURN to the reporter. After a
+ * stack overflow on ARMv8-M the frame is not stacked (the core stops at MSPLIM),
+ * so pc and lr are then stale; cfsr's STKOF bit (0x00100000) says which it was.
  */
 void edgenas_exception(void) {
   __asm__ volatile(
+#if defined(__ARM_ARCH_8M_MAIN__) || defined(__ARM_ARCH_8M_BASE__) || defined(__ARM_ARCH_8_1M_MAIN__)
+      /* Drop the stack limit: after a stack overflow the reporter itself runs below it. */
+      "movs r0, #0\n\t"
+      "msr msplim, r0\n\t"
+#endif
       "tst lr, #4\n\t"
       "ite eq\n\t"
       "mrseq r0, msp\n\t"
@@ -146,7 +169,7 @@ void edgenas_exception(void) {
 void edgenas_fault_report(const uint32_t *frame, uint32_t ipsr, uint32_t exc_return) {
   volatile const uint32_t *scb = (volatile const uint32_t *)0xE000ED28u; /* CFSR, HFSR, DFSR, MMFAR, BFAR */
   uint32_t number = ipsr & 0x1ffu;
-  char line[192];
+  char line[224];
   char *p = append(line, "edgenas-fault: ");
   p = append(p, exception_name(number));
   p = append_hex(p, " exception=", number);
@@ -156,6 +179,9 @@ void edgenas_fault_report(const uint32_t *frame, uint32_t ipsr, uint32_t exc_ret
   p = append_hex(p, " hfsr=", scb[1]);
   p = append_hex(p, " mmfar=", scb[3]);
   p = append_hex(p, " bfar=", scb[4]);
+#if defined(__ARM_ARCH_8M_MAIN__) || defined(__ARM_ARCH_8_1M_MAIN__)
+  p = append_hex(p, " sfsr=", *(volatile const uint32_t *)0xE000EDE4u); /* SecureFault status (IDAU, SAU) */
+#endif
   p = append_hex(p, " exc_return=", exc_return);
   *p++ = '\n';
   *p = '\0';
@@ -164,11 +190,11 @@ void edgenas_fault_report(const uint32_t *frame, uint32_t ipsr, uint32_t exc_ret
 }
 
 /*
- * The vector table, placed at address 0 by the linker script: initial stack
- * pointer, reset, the 14 system exceptions and the boards' 32 interrupts.
+ * The vector table, placed at the start of FLASH by the linker script: initial
+ * stack pointer, reset, the 14 system exceptions and the first 32 interrupts
+ * (the MPS2 boards' own count; nothing enables an interrupt, the an505's higher
+ * ones included).
  */
-typedef void (*edgenas_vector_t)(void);
-
 __attribute__((section(".isr_vector"), used)) const edgenas_vector_t edgenas_vectors[16 + 32] = {
     [0] = (edgenas_vector_t)__edgenas_stack_top,
     [1] = edgenas_reset,
