@@ -2,9 +2,10 @@
 
 Two ways, the first used by every shipped MCU platform:
   - `calibrate_emulated`: the relative cost of every operator configuration comes from the platform's own target,
-    emulated (`edgenas.energy.counts`: instructions and flash reads per operator on its instruction set and
-    kernels), priced by the platform's cycle model (`edgenas.energy.cycles`) whose one constant, the CPI, is
-    fitted to the board's whole-model measurements; leave-one-out errors are reported.
+    emulated (`edgenas.energy.counts`: instructions per class and flash reads per operator on its instruction
+    set and kernels), priced by the platform's cycle model (`edgenas.energy.cycles`: its core's timing per
+    instruction class, `edgenas.energy.timing`) whose one constant, the scale, is fitted to the board's
+    whole-model measurements; leave-one-out errors are reported.
   - `calibrate` (below, for a platform without an emulated target): relative costs from the `host` table.
 
 Two whole-model measurements per board cannot determine per-operator costs by themselves. In `calibrate` the
