@@ -19,6 +19,13 @@ from edgenas import ops as ops_lib
 ARCH_VERSION = 1
 SKIP = "skip"
 MBCONV = "mbconv"
+STRIDES = (1, 2)  # the strides the platforms' operator tables are measured at
+# The arch.json schema: every field at every level (anything else is refused); `name` and `head_channels` are
+# optional on reading.
+TOP_FIELDS = ("version", "name", "input_shape", "num_classes", "stem", "layers", "head_channels")
+STEM_FIELDS = ("channels", "kernel", "stride")
+LAYER_FIELDS = {MBCONV: ("op", "in_channels", "out_channels", "stride", "kernel", "expansion", "hidden"),
+                SKIP: ("op", "in_channels", "out_channels", "stride")}
 
 
 class ArchitectureError(ValueError):
@@ -88,41 +95,58 @@ class Architecture:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], source: str = "arch.json") -> "Architecture":
+    """The architecture an arch.json dict describes. Strict: a missing, mistyped or unknown field at any level is
+    refused with its path, so a typo such as `kernal` cannot pass as a default."""
+    def fail(message):
+      raise ArchitectureError(f"{source}: {message}")
+
+    def fields(m, known, where):
+      if not isinstance(m, Mapping):
+        fail(f"field '{where or 'arch'}' must be an object, got {m!r}")
+      unknown = [k for k in m if k not in known]
+      if unknown:
+        fail(f"{where + ': ' if where else ''}unknown field {unknown[0]!r} (known: {', '.join(known)})")
+
     def need(m, key, where, kind=None):
-      if not isinstance(m, Mapping) or key not in m:
-        raise ArchitectureError(f"{source}: missing field '{where}{key}'")
+      if key not in m:
+        fail(f"missing field '{where}{key}'")
       v = m[key]
-      if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ArchitectureError(f"{source}: field '{where}{key}' must be an integer, got {v!r}")
+      if kind is int and not _is_int(v):
+        fail(f"field '{where}{key}' must be an integer, got {v!r}")
       return v
 
+    fields(d, TOP_FIELDS, "")
     version = need(d, "version", "")
-    if version != ARCH_VERSION:
-      raise ArchitectureError(f"{source}: unsupported 'version' {version!r}; this edgenas reads version {ARCH_VERSION}")
+    if not _is_int(version) or version != ARCH_VERSION:
+      fail(f"unsupported 'version' {version!r}; this edgenas reads version {ARCH_VERSION}")
+    name = d.get("name", "")
+    if not isinstance(name, str):
+      fail(f"field 'name' must be a string, got {name!r}")
     shape = need(d, "input_shape", "")
-    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(isinstance(x, int) for x in shape):
-      raise ArchitectureError(f"{source}: field 'input_shape' must be [H, W, C] integers, got {shape!r}")
-    stem = need(d, "stem", "")
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_int(x) for x in shape):
+      fail(f"field 'input_shape' must be [H, W, C] integers, got {shape!r}")
+    num_classes = need(d, "num_classes", "", int)
+    stem_raw = need(d, "stem", "")
+    fields(stem_raw, STEM_FIELDS, "stem")
+    stem = Stem(*(need(stem_raw, k, "stem.", int) for k in STEM_FIELDS))
     layers_raw = need(d, "layers", "")
     if not isinstance(layers_raw, list):
-      raise ArchitectureError(f"{source}: field 'layers' must be a list")
+      fail(f"field 'layers' must be a list, got {layers_raw!r}")
     layers = []
     for i, l in enumerate(layers_raw):
-      where = f"layers[{i}]."
-      op = need(l, "op", where)
-      if op not in (MBCONV, SKIP):
-        raise ArchitectureError(f"{source}: field '{where}op' must be '{MBCONV}' or '{SKIP}', got {op!r}")
-      fields = dict(op=op, in_channels=need(l, "in_channels", where, int),
-                    out_channels=need(l, "out_channels", where, int), stride=need(l, "stride", where, int))
-      if op == MBCONV:
-        fields.update(kernel=need(l, "kernel", where, int), expansion=need(l, "expansion", where, int),
-                      hidden=need(l, "hidden", where, int))
-      layers.append(Layer(**fields))
+      where = f"layers[{i}]"
+      fields(l, LAYER_FIELDS[MBCONV], where)
+      op = need(l, "op", f"{where}.")
+      if op not in LAYER_FIELDS:
+        fail(f"field '{where}.op' must be '{MBCONV}' or '{SKIP}', got {op!r}")
+      if op == SKIP:  # a skip has no kernel, expansion or width: such a field is a mistake, not a default
+        fields(l, LAYER_FIELDS[SKIP], f"{where} (a skip)")
+      layers.append(Layer(**{k: need(l, k, f"{where}.", None if k == "op" else int) for k in LAYER_FIELDS[op]}))
+    head = d.get("head_channels", 0)
+    if not _is_int(head):
+      fail(f"field 'head_channels' must be an integer, got {head!r}")
     try:
-      return cls(tuple(shape), need(d, "num_classes", "", int),
-                 Stem(need(stem, "channels", "stem.", int), need(stem, "kernel", "stem.", int),
-                      need(stem, "stride", "stem.", int)),
-                 tuple(layers), int(d.get("head_channels", 0)), str(d.get("name", "")))
+      return cls(tuple(shape), num_classes, stem, tuple(layers), head, name)
     except ArchitectureError as e:
       raise ArchitectureError(f"{source}: {e}") from None
 
@@ -147,28 +171,43 @@ class Architecture:
 
   # ---- checks
   def validate(self) -> None:
-    if any(x < 1 for x in self.input_shape):
-      raise ArchitectureError(f"'input_shape' must be positive, got {self.input_shape}")
+    """Refuses a network that cannot be built, naming the field: bad sizes, a broken channel chain, a skip that
+    changes the shape, a width the expansion cannot give."""
+    if len(self.input_shape) != 3 or any(x < 1 for x in self.input_shape):
+      raise ArchitectureError(f"'input_shape' must be [H, W, C], all positive, got {list(self.input_shape)}")
     if self.num_classes < 2:
       raise ArchitectureError(f"'num_classes' must be at least 2, got {self.num_classes}")
-    for name in ("channels", "kernel", "stride"):
-      if getattr(self.stem, name) < 1:
-        raise ArchitectureError(f"'stem.{name}' must be positive, got {getattr(self.stem, name)}")
+    if self.stem.channels < 1:
+      raise ArchitectureError(f"'stem.channels' must be positive, got {self.stem.channels}")
+    _check_kernel("stem.kernel", self.stem.kernel)
+    _check_stride("stem.stride", self.stem.stride)
+    if not self.layers:
+      raise ArchitectureError("'layers' is empty: a network needs at least one layer (every search space and "
+                              "baseline has one)")
     c = self.stem.channels
     for i, l in enumerate(self.layers):
+      where = f"layers[{i}]"
       if l.in_channels != c:
-        raise ArchitectureError(f"'layers[{i}].in_channels' is {l.in_channels} but the previous layer gives {c}")
-      if l.out_channels < 1 or l.stride < 1:
-        raise ArchitectureError(f"'layers[{i}]' needs positive out_channels and stride")
+        raise ArchitectureError(f"'{where}.in_channels' is {l.in_channels} but the previous layer gives {c}")
+      if l.out_channels < 1:
+        raise ArchitectureError(f"'{where}.out_channels' must be positive, got {l.out_channels}")
+      _check_stride(f"{where}.stride", l.stride)
       if l.op == SKIP and (l.stride != 1 or l.in_channels != l.out_channels):
-        raise ArchitectureError(f"'layers[{i}]' is a skip but changes the shape")
+        raise ArchitectureError(f"'{where}' is a skip but changes the shape (stride {l.stride}, {l.in_channels} -> "
+                                f"{l.out_channels} channels); a skip needs stride 1 and equal channels")
       if l.op == MBCONV:
-        if l.kernel < 1 or l.kernel % 2 == 0:
-          raise ArchitectureError(f"'layers[{i}].kernel' must be a positive odd size, got {l.kernel}")
-        if l.expansion < 1 or l.hidden < 1:
-          raise ArchitectureError(f"'layers[{i}]' needs positive expansion and hidden, got {l.expansion}, {l.hidden}")
+        _check_kernel(f"{where}.kernel", l.kernel)
+        if l.expansion < 1:
+          raise ArchitectureError(f"'{where}.expansion' must be positive, got {l.expansion}")
+        if l.hidden < 1:
+          raise ArchitectureError(f"'{where}.hidden' must be positive, got {l.hidden}")
         if l.expansion == 1 and l.hidden != l.in_channels:
-          raise ArchitectureError(f"'layers[{i}].hidden' must equal in_channels when expansion is 1")
+          raise ArchitectureError(f"'{where}.hidden' must equal in_channels when expansion is 1")
+        if l.hidden > l.in_channels * l.expansion:
+          raise ArchitectureError(f"'{where}.hidden' is {l.hidden} but in_channels x expansion = {l.in_channels} x "
+                                  f"{l.expansion} gives at most {l.in_channels * l.expansion}")
+      elif l.op != SKIP:
+        raise ArchitectureError(f"'{where}.op' must be '{MBCONV}' or '{SKIP}', got {l.op!r}")
       c = l.out_channels
     if self.head_channels < 0:
       raise ArchitectureError(f"'head_channels' must be >= 0, got {self.head_channels}")
@@ -257,6 +296,20 @@ class Architecture:
     return dict(hash=self.hash(), layers=[_layer_name(l) for l in self.layers], macs=self.macs(),
                 params=self.params(), weight_bytes=self.weight_bytes(),
                 peak_activation_bytes=self.peak_activation_bytes())
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_kernel(name: str, k: int) -> None:
+  if k < 1 or k % 2 == 0:
+    raise ArchitectureError(f"'{name}' must be a positive odd size, got {k}")
+
+
+def _check_stride(name: str, s: int) -> None:
+  if s not in STRIDES:
+    raise ArchitectureError(f"'{name}' must be {' or '.join(map(str, STRIDES))}, got {s}")
 
 
 def _layer_dict(l: Layer) -> dict[str, Any]:

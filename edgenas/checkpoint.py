@@ -13,11 +13,19 @@ What this layer adds to orbax:
     leaves differ instead of raising from deep inside orbax/tensorstore;
   - a guard that refuses to checkpoint a non-finite state, so a run that diverges keeps its last good checkpoint.
 
+A failed restore is quiet apart from that one warning. orbax runs a restore in a fresh asyncio loop and gathers
+one tensorstore read per array; the first failing read ends the gather and orbax closes the loop while the other
+reads are still in flight, and each of them then fails to post its result to the closed loop, printing an "Event
+loop is closed" traceback from tensorstore's threads (about 80 for a search state). `_loops_finish_their_reads`
+lets those reads finish before the loop closes, so nothing is left to post to a closed loop.
+
 Saves are asynchronous; `close()` (or leaving the `with` block) waits for them to finish. In a multi-host run
 every process makes the same calls (orbax coordinates who writes what).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 from typing import Any, Mapping
@@ -32,6 +40,7 @@ _STATE = "state"
 _META = "meta"
 _CORRUPT_SUFFIX = ".corrupt"
 _MAX_LISTED = 8  # differing leaves named in a mismatch message
+_DRAIN_SECONDS = 60.0  # in-flight reads of a failed restore get this long to finish before the loop closes
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +91,43 @@ def describe_mismatch(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> 
 def _listing(items: list[str]) -> str:
   shown = ", ".join(items[:_MAX_LISTED])
   return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+class _FinishingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed with tasks still pending, first lets them finish (see the module docstring)."""
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        done, late = self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_SECONDS))
+        for task in late:
+          task.cancel()
+        for task in done:  # retrieved, so asyncio does not log "Task exception was never retrieved" for each
+          if not task.cancelled():
+            task.exception()
+    super().close()
+
+
+class _FinishingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _FinishingLoop()
+
+
+@contextlib.contextmanager
+def _loops_finish_their_reads():
+  """orbax calls made inside get event loops that finish their pending reads before closing.
+
+  The policy is process-wide, so it is set only for the duration of a restore; a loop another thread creates
+  meanwhile merely waits for its own tasks before closing.
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_FinishingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def _all_finite(tree) -> bool:
@@ -182,6 +228,10 @@ class Checkpointer:
     self.wait()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     expected = tree_fingerprint(abstract)
+    with _loops_finish_their_reads():
+      return self._restore_newest_good(abstract, expected)
+
+  def _restore_newest_good(self, abstract, expected) -> Restored | None:
     failures = []
     for step in reversed(self.steps()):
       try:
@@ -228,5 +278,5 @@ class Checkpointer:
 
 
 def _short(error: Exception, limit: int = 300) -> str:
-  text = f"{type(error).__name__}: {error}"
+  text = " ".join(f"{type(error).__name__}: {error}".split())  # one line: the warning is one line
   return text if len(text) <= limit else text[:limit] + "..."

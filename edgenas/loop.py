@@ -17,6 +17,10 @@ metrics, the NaN/Inf stop, progress lines, checkpoints, and closing files whethe
   4. the progress line; at the end of an epoch, then, `epoch_summary(record, progress_line)`'s line if any;
   5. a checkpoint every `checkpoint_every` steps, and one after the last step.
 
+Ctrl-C (SIGINT) ends the step in progress, saves a checkpoint there and raises Interrupted (a second Ctrl-C stops
+at once, keeping the latest checkpoint); the launchers print "interrupted at step N; rerun the same command to
+resume" and exit 130.
+
 Batches and random draws are functions of (seed, step), so a run restarted on the same workdir ends where an
 uninterrupted run would. In a multi-host run every process runs the loop; process 0 writes the metrics files.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,6 +45,15 @@ Record = dict[str, Any]
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the loop after `step` steps, its checkpoints closed. A KeyboardInterrupt, so that no
+  `except Exception` on the way up swallows it."""
+
+  def __init__(self, step: int):
+    super().__init__(f"interrupted at step {step}; rerun the same command to resume")
+    self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,23 +115,34 @@ class Loop:
         except ckpt_lib.NonFiniteStateError:
           self._stop(ckpt, f"the parameters became NaN/Inf at step {step}")
 
-      for step in range(start, total):
-        state, metrics = step_fn(state, step)
-        record = _host_record(metrics, len(self.metrics_paths))
-        problem = diverged(step, record)
-        if problem:
-          self._stop(ckpt, problem)
-        epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == total
-        if epoch_end or (step + 1) % self.log_every == 0:
-          if log_fields is not None:
-            record.update(log_fields(state, step, epoch_end))
-          for i, writer in enumerate(writers):
-            writer.write(step, {key: _member(value, i) for key, value in record.items()})
-        line = progress.update(step)
-        summary = epoch_summary(record, line) if epoch_end and epoch_summary is not None else None
-        if summary:
-          log(summary)
-        save(step, state)
+      stop = closing.enter_context(_stop_on_sigint())
+      done = start  # steps finished, for the Interrupted message
+      try:
+        for step in range(start, total):
+          state, metrics = step_fn(state, step)
+          record = _host_record(metrics, len(self.metrics_paths))
+          problem = diverged(step, record)
+          if problem:
+            self._stop(ckpt, problem)
+          epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == total
+          if epoch_end or (step + 1) % self.log_every == 0:
+            if log_fields is not None:
+              record.update(log_fields(state, step, epoch_end))
+            for i, writer in enumerate(writers):
+              writer.write(step, {key: _member(value, i) for key, value in record.items()})
+          line = progress.update(step)
+          summary = epoch_summary(record, line) if epoch_end and epoch_summary is not None else None
+          if summary:
+            log(summary)
+          save(step, state)
+          done = step + 1
+          if stop and done < total:
+            save(step, state, force=True)  # the rerun resumes exactly here
+            raise Interrupted(done)
+      except Interrupted:
+        raise
+      except KeyboardInterrupt:  # a second Ctrl-C, or one the handler could not catch: stop now
+        raise Interrupted(done) from None
       if total > 0:
         save(total - 1, state, force=True)
     seconds = time.time() - t_loop
@@ -127,6 +153,31 @@ class Loop:
     raise NonFiniteLossError(
         f"{self.name}: {problem}; stopping. The last good checkpoint is step {ckpt.latest_step()} in "
         f"{ckpt.directory}. {self.advice}")
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+  """Yields a list that becomes non-empty at the first Ctrl-C, which then no longer raises KeyboardInterrupt
+  (the loop stops after the step in progress, with a checkpoint there); a second Ctrl-C raises as usual.
+
+  Only where SIGINT still has Python's default handler, in the main thread of a single-process run: a
+  multi-host run's processes must stop at one step together, and a caller's own handler is left alone."""
+  stop: list[bool] = []
+  if (threading.current_thread() is not threading.main_thread() or jax.process_count() > 1
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield stop
+    return
+
+  def on_sigint(signum, frame):
+    del signum, frame
+    stop.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  signal.signal(signal.SIGINT, on_sigint)
+  try:
+    yield stop
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def non_finite(record: Record, keys: Sequence[str]) -> list[str]:

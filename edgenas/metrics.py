@@ -373,12 +373,13 @@ class Progress(periodic_actions.ReportProgress):
   """Logs `step s/total (p%)  r steps/s  i img/s  ETA t` every `every_steps` steps (and at the last step).
 
   A clu ReportProgress: clu decides when to report (every `every_steps` steps and at `total_steps`, never on time
-  alone) and what it measures (steps/s since the previous report, so the first line, which includes compilation,
-  does not skew later ones; the ETA uses the latest rate), `progress.timed("eval")` adds clu's time breakdown,
+  alone) and what it measures (steps/s since the previous report; the ETA uses the latest rate). The first step
+  after a (re)start compiles, so the first line's rate starts after it: its ETA excludes compile time (a line right
+  after that first step, with nothing timed yet, shows `ETA ?`). `progress.timed("eval")` adds clu's time breakdown,
   and `writer` (a clu MetricWriter, e.g. MetricsWriter.tensorboard) gets clu's `steps_per_sec` and `uptime`
-  scalars. Only the line differs from clu's (whose format has 1-decimal rates and whole minutes). `clock` is
-  passed as clu's timestamp argument, so tests can drive it; `log` is injectable too. Call `update` once per
-  step, in order, as clu requires.
+  scalars. Only the line (clu's has 1-decimal rates and whole minutes) and that first interval differ from
+  clu's. `clock` is passed as clu's timestamp argument, so tests can drive it; `log` is injectable too. Call
+  `update` once per step, in order, as clu requires.
   """
 
   def __init__(self, total_steps: int, *, batch_size: int | None = None, every_steps: int = 100,
@@ -390,21 +391,34 @@ class Progress(periodic_actions.ReportProgress):
     self.total_steps, self.batch_size, self.every_steps = total_steps, batch_size, every_steps
     self._clock, self._log, self._line = clock, log, None
     self._start_time = clock()
+    self._compiled: tuple[int, float] | None = None  # (steps done, time) at the end of the first, compiling step
     self(start_step, self._start_time)  # clu's first call records where the rate starts; it never reports
 
   def update(self, step: int) -> str | None:
     """Call after finishing `step` (0-based); returns the line it logged, if any."""
     self._line = None
-    self(step + 1, self._clock())  # clu counts steps done
+    t = self._clock()
+    self(step + 1, t)  # clu counts steps done
+    if self._compiled is None:
+      self._compiled = (step + 1, t)
     return self._line
 
   def _apply(self, step: int, t: float) -> None:
-    elapsed, steps = t - self._previous_time, step - self._previous_step
+    since_step, since_time = self._previous_step, self._previous_time
+    if self._compiled is not None and since_step < self._compiled[0]:
+      since_step, since_time = self._compiled  # the interval holds the compiling step: time from its end
+    elapsed, steps = t - since_time, step - since_step
     rate = steps / elapsed if elapsed > 0 else math.inf
     parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)", f"{rate:.2f} steps/s"]
     if self.batch_size:
       parts.append(f"{rate * self.batch_size:.0f} img/s")
-    parts.append(f"ETA {format_duration((self.total_steps - step) / rate) if math.isfinite(rate) else '0s'}")
+    if step >= self.total_steps or not math.isfinite(rate):
+      eta = "0s"
+    elif self._compiled is None:  # right after the first step, whose time is mostly compilation
+      eta = "?"
+    else:
+      eta = format_duration((self.total_steps - step) / rate)
+    parts.append(f"ETA {eta}")
     if self._time_per_part:  # filled by clu's `with progress.timed(name):`
       total = time.monotonic() - self._t0
       parts.append(", ".join(f"{100 * dt / total:.1f}% {name}" for name, dt in sorted(self._time_per_part.items())))

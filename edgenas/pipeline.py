@@ -8,12 +8,17 @@ re-run or inspected with the launcher alone, and a pipeline started again resume
   DIR/retrain/           launch.retrain: report.json, checkpoints/, export/ (launch.export: model.tflite, C sources)
   DIR/baselines/<name>/  launch.retrain on each hand-designed reference network
   DIR/summary.json, DIR/summary.md
+
+The summary is rewritten only when what it summarises changed: a rerun of a finished pipeline leaves both files
+as they are. A stage finished before the run keeps the wall time recorded when it finished (the previous
+summary's, else the stage's own record), so a resume never reports its own few seconds as the stage's time.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from edgenas import architecture as arch_lib
 from edgenas import baselines as baselines_lib
@@ -49,10 +54,11 @@ def _row(name: str, report: dict, platform: str, export_report: dict | None = No
 def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool = True,
                  targets: Sequence[str] | None = None) -> dict:
   """Runs every stage (see the module docstring). `targets`: the emulated cores the export runs on and is
-  checked byte for byte (edgenas.device); None means the platform's own core, () none."""
+  checked byte for byte (edgenas.device); None means the platform's own core, () none. Everything is checked
+  before the workdir is touched; it is locked for the run, and each stage locks its own sub-directory."""
   t0 = time.time()
+  search_lib.check_config(config)
   train_lib.check_later_stages(config, baselines)
-  os.makedirs(workdir, exist_ok=True)
   platform = config.cost.platform
   if targets is None:
     from edgenas.energy import platform as platform_lib
@@ -64,7 +70,15 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
     for t in targets_lib.parse_targets(",".join(targets)):
       targets_lib.check_toolchain(t)  # before the search, not after it
     tflm.resolve_tflm_dir()
+  with rundir.workdir_lock(workdir):
+    return _run_stages(config, workdir, t0, platform, baselines, export, targets)
+
+
+def _run_stages(config, workdir: str, t0: float, platform: str, baselines: bool, export: bool,
+                targets: Sequence[str]) -> dict:
+  """`run_pipeline` once everything is checked and its workdir is locked."""
   search_dir = os.path.join(workdir, "search")
+  finished = _finished_stages(config, workdir, baselines, export, targets)
   say("== 1/4 search ==")
   search_result = search_lib.run_search(config, search_dir)
   arch = arch_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
@@ -85,6 +99,7 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
   t_export = time.time()
 
   rows = [_row("searched", report, platform, export_report)]
+  base_reports = []
   if baselines:
     say("== 4/4 baselines, same data, budget and cost model ==")
     shape = tuple(arch.input_shape)
@@ -93,7 +108,19 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
       base_report = train_lib.run_retrain(config, base, os.path.join(workdir, "baselines", name),
                                           platforms=[platform])
       rows.append(_row(name, base_report, platform))
+      base_reports.append(base_report)
   t_end = time.time()
+  seconds = dict(search=t_search - t0, retrain=t_retrain - t_search, export=t_export - t_retrain,
+                 baselines=t_end - t_export)
+  recorded = dict(  # what each stage recorded when it finished, for stages this run only read
+      search=search_result.get("seconds", {}).get("total"),
+      retrain=report.get("seconds", {}).get("this_process"),
+      export=(export_report or {}).get("seconds", {}).get("total"),
+      baselines=_sum_or_none(r.get("seconds", {}).get("this_process") for r in base_reports))
+  for stage, value in recorded.items():
+    if finished[stage] and value is not None:
+      seconds[stage] = value
+  seconds["total"] = sum(seconds.values())
 
   ref = next((r for r in rows if r["network"] == "mobilenetv2_1.0"), None)
   for r in rows:
@@ -103,18 +130,82 @@ def run_pipeline(config, workdir: str, *, baselines: bool = True, export: bool =
           arch_hash=search_result["arch_hash"], layers=search_result["arch"]["layers"],
           val_acc_supernet=search_result["val_acc_supernet"], cost_model=search_result["cost_model"],
           lam=config.cost.lam, penalty=config.cost.penalty),
-      seconds=dict(search=t_search - t0, retrain=t_retrain - t_search, export=t_export - t_retrain,
-                   baselines=t_end - t_export, total=t_end - t0),
+      seconds=seconds,
       files=dict(arch=os.path.join(search_dir, search_lib.ARCH_FILE),
                  retrain_report=os.path.join(retrain_dir, train_lib.REPORT_FILE),
                  export=export_dir, tflite=os.path.join(export_dir, "model.tflite") if export_dir else None,
                  export_report=os.path.join(export_dir, "report.json") if export_dir else None))
-  rundir.atomic_write_json(os.path.join(workdir, SUMMARY_JSON), summary)
-  table = summary_table(summary)
-  with open(os.path.join(workdir, SUMMARY_MD), "w") as f:
-    f.write(table + "\n")
-  say("\n" + table)
+  summary = write_summary(workdir, summary, finished)
+  say("\n" + summary_table(summary))
   return summary
+
+
+def _finished_stages(config, workdir: str, baselines: bool, export: bool, targets: Sequence[str]) -> dict:
+  """{stage: whether it finished before this run}: such a stage is only read, not run."""
+  search_dir, retrain_dir = os.path.join(workdir, "search"), os.path.join(workdir, "retrain")
+  export_report = os.path.join(retrain_dir, "export", "report.json")
+  exported = export and os.path.exists(export_report)
+  if exported and targets:  # an export gains the targets it lacks: that is work done now
+    exported = set(targets) <= set(rundir.read_json(export_report).get("targets", {}))
+  names = tuple(config.get("baselines", ()))
+  return dict(
+      search=all(os.path.exists(os.path.join(search_dir, f)) for f in (search_lib.RESULT_FILE, search_lib.ARCH_FILE)),
+      retrain=os.path.exists(os.path.join(retrain_dir, train_lib.REPORT_FILE)),
+      export=exported,
+      baselines=baselines and all(os.path.exists(os.path.join(workdir, "baselines", n, train_lib.REPORT_FILE))
+                                  for n in names))
+
+
+def _sum_or_none(values):
+  values = list(values)
+  return None if not values or any(v is None for v in values) else sum(values)
+
+
+def _results_of(summary: dict) -> dict:
+  """A summary without its wall times and file paths: what decides whether it changed."""
+  plain = json.loads(json.dumps(rundir.to_jsonable(summary)))
+  return {k: v for k, v in plain.items() if k not in ("seconds", "files")}
+
+
+def write_summary(workdir: str, summary: dict, finished: Mapping[str, bool]) -> dict:
+  """Writes summary.json and summary.md unless the workdir's summary already says the same; returns the summary
+  as on disk.
+
+  `finished`: {stage: whether it finished before this run}. Those stages keep the wall times of the previous
+  summary, so a rewrite (another stage changed) still reports how long they took when they ran.
+  """
+  json_path, md_path = os.path.join(workdir, SUMMARY_JSON), os.path.join(workdir, SUMMARY_MD)
+  previous = None
+  if os.path.exists(json_path):
+    try:
+      previous = rundir.read_json(json_path)
+    except rundir.RunDirError as e:  # a summary is derived from the stages; an unreadable one is written anew
+      say(f"{json_path}: {e}; writing it again")
+  if previous is not None:
+    old = previous.get("seconds", {})
+    seconds = {stage: old[stage] if finished.get(stage) and stage in old else value
+               for stage, value in summary["seconds"].items() if stage != "total"}
+    seconds["total"] = sum(seconds.values())
+    summary = {**summary, "seconds": seconds}
+    if _results_of(previous) == _results_of(summary):
+      say(f"{workdir}: the summary is up to date; {SUMMARY_JSON} and {SUMMARY_MD} are left as they are")
+      if not os.path.exists(md_path):  # deleted by hand: the table of the unchanged summary again
+        _write_text_if_changed(md_path, summary_table(previous) + "\n")
+      return previous
+  rundir.atomic_write_json(json_path, summary)
+  _write_text_if_changed(md_path, summary_table(summary) + "\n")
+  return summary
+
+
+def _write_text_if_changed(path: str, text: str) -> None:
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def summary_table(summary: dict) -> str:

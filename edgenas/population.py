@@ -145,16 +145,20 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   if len(configs) != len(workdirs):
     raise PopulationError(f"{len(configs)} configs but {len(workdirs)} workdirs")
   check_population(configs)
-  for c, w in zip(configs, workdirs):
-    rundir.prepare_workdir(w, c)
-  rundir.prepare_workdir(pop_dir, {"members": [os.path.abspath(w) for w in workdirs],
-                                   "configs": [rundir.to_jsonable(c) for c in configs]})
+  pop_config = {"members": [os.path.abspath(w) for w in workdirs],
+                "configs": [rundir.to_jsonable(c) for c in configs]}
+  for c, w in zip(configs, workdirs):  # a started run must have this config; nothing is written yet
+    rundir.check_resume(w, c)
+  rundir.check_resume(pop_dir, pop_config)
   t_start = time.time()
   base = configs[0]
   dataset = data_lib.load_data(base)
   space, obj, plan = search_lib.build(base, dataset)
   for c in configs:  # every member's penalty settings are valid on their own
     search_lib.objective_config(c, plan["cost_ref"])
+  for c, w in zip(configs, workdirs):  # only now, every check passed: the population starts
+    rundir.prepare_workdir(w, c)
+  rundir.prepare_workdir(pop_dir, pop_config)
   s = base.search
   total, warmup, per_epoch = plan["total"], plan["warmup"], plan["steps_per_epoch"]
   mesh = population_mesh()

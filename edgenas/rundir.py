@@ -6,22 +6,31 @@ overwrite a result it already finished. The helpers here enforce that:
     in any field that changes results (fields that only change logging or checkpoint cadence may differ);
   - `MetricsWriter` appends `metrics.jsonl` and, on resume, drops the lines an interrupted run wrote after its
     last checkpoint, so the file reads as if the run had never stopped;
-  - `atomic_write_json` / `refuse_overwrite` write results (arch.json, report.json, ...) whole or not at all.
-In a multi-host run only process 0 should write files here (`jax.process_index() == 0`).
+  - `atomic_write_json` / `refuse_overwrite` write results (arch.json, report.json, ...) whole or not at all;
+  - `workdir_lock` lets one process at a time write a workdir (`<workdir>/.lock`).
+In a multi-host run only process 0 should write files here (`jax.process_index() == 0`) and take the lock.
 Metrics and progress lines are `edgenas.metrics`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
+import sys
 import tempfile
-from typing import Any, Iterable, Mapping
+import threading
+import time
+from typing import Any, Iterable, Iterator, Mapping
 
 from absl import logging
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
 # Config fields (leaf names or dotted paths) that change how a run reports or checkpoints, not what it computes;
 # a resumed run may change them.
 VOLATILE_FIELDS = frozenset({
@@ -41,6 +50,10 @@ class ConfigMismatchError(RunDirError):
 
 class FinishedResultError(RunDirError):
   """A result file exists already; writing it again would overwrite finished work."""
+
+
+class WorkdirLockedError(RunDirError):
+  """Another process holds the workdir's lock; the message names it (pid, host, since when, command)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,14 +126,24 @@ def prepare_workdir(workdir: str, config: Any, volatile_fields: Iterable[str] = 
 
   On the first start the resolved config is written to `config.json`. On a restart the saved config must match
   `config` in every field except `volatile_fields` (leaf names or dotted paths); otherwise ConfigMismatchError
-  lists the differing fields. The saved config.json is kept as written by the first start.
+  lists the differing fields. The saved config.json is kept as written by the first start. Call it once the
+  config is known to be valid: a config.json written by a run that was then refused would refuse the corrected
+  command (`check_resume` compares without writing).
   """
+  if check_resume(workdir, config, volatile_fields):
+    return True
   os.makedirs(workdir, exist_ok=True)
+  atomic_write_json(os.path.join(workdir, CONFIG_FILE), _resolved(config))
+  return False
+
+
+def check_resume(workdir: str, config: Any, volatile_fields: Iterable[str] = VOLATILE_FIELDS) -> bool:
+  """Whether `workdir` holds a run's config.json, after checking that `config` may resume it (as
+  `prepare_workdir` does); writes nothing."""
   config_path = os.path.join(workdir, CONFIG_FILE)
-  resolved = json.loads(json.dumps(to_jsonable(config)))  # the form it has on disk, for a like-for-like compare
   if not os.path.exists(config_path):
-    atomic_write_json(config_path, resolved)
     return False
+  resolved = _resolved(config)
   saved = read_json(config_path)
   differences = config_differences(saved, resolved)
   volatile = set(volatile_fields)
@@ -134,6 +157,10 @@ def prepare_workdir(workdir: str, config: Any, volatile_fields: Iterable[str] = 
     logging.info("resuming %s with %s changed from %s to %s (does not change results)", workdir, field,
                  _show(old), _show(new))
   return True
+
+
+def _resolved(config: Any) -> Any:
+  return json.loads(json.dumps(to_jsonable(config)))  # the form it has on disk, for a like-for-like compare
 
 
 _MISSING = object()
@@ -156,3 +183,166 @@ def _is_volatile(field: str, volatile: set[str]) -> bool:
 
 def _show(value: Any) -> str:
   return "<missing>" if value is _MISSING else json.dumps(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One writer per workdir
+
+_held: dict[str, "_Lock"] = {}  # real path -> the lock this process holds there (re-entrant)
+_held_guard = threading.Lock()
+
+
+class _Lock:
+  def __init__(self, fd: int, path: str, created: list[str]):
+    self.fd, self.path, self.created, self.depth = fd, path, created, 1  # created: directories, deepest first
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, primary: bool | None = None) -> Iterator[None]:
+  """Holds `workdir`'s exclusive lock for the block, creating the directory if needed.
+
+  The lock is an flock on `<workdir>/.lock`, a file naming its holder (pid, host, since when, command) for the
+  message a second launcher exits with (WorkdirLockedError). The kernel drops an flock when its process dies, so a
+  lock file left by a killed run on this host is taken over with a warning; one naming another host is refused
+  (that process may be alive where this one cannot see it): the message says to delete it. Re-entrant within a
+  process: a launcher holding its workdir calls library stages that lock it again, and a pipeline's stages lock
+  their own sub-directories. On release the file is removed, and so are the directories this lock created if
+  nothing else was written there: a run refused before it started leaves no trace.
+
+  `primary`: whether this process takes the lock. All processes of a multi-host run share one workdir, so only
+  process 0 does (the default asks `jax.process_index() == 0`).
+  """
+  if primary is None:
+    import jax  # only here: the launchers lock before importing JAX, passing `primary`
+    primary = jax.process_index() == 0
+  if not primary:
+    yield
+    return
+  key = os.path.realpath(workdir)
+  with _held_guard:
+    lock = _held.get(key)
+    if lock is not None:
+      lock.depth += 1
+    else:
+      lock = _held[key] = _acquire(workdir)
+  try:
+    yield
+  finally:
+    with _held_guard:
+      lock.depth -= 1
+      if lock.depth == 0:
+        del _held[key]
+        _release(lock)
+
+
+def _acquire(workdir: str) -> _Lock:
+  path = os.path.join(workdir, LOCK_FILE)
+  for _ in range(10):  # retried only while another process removes the directory or lock file under us
+    created = _missing_dirs(workdir)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+      raise RunDirError(f"{workdir}: exists and is not a directory (or a parent of it is a file); --workdir must "
+                        f"name a directory") from None
+    except OSError as e:
+      raise RunDirError(f"{workdir}: cannot create the run directory ({e.strerror})") from None
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+      continue
+    except OSError as e:
+      raise RunDirError(f"{workdir}: cannot write in the run directory ({e.strerror})") from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise RunDirError(f"{path}: cannot lock it ({e.strerror})") from None
+      raise WorkdirLockedError(f"{workdir} is in use by {_describe(_read_holder(path))}; wait for it to finish "
+                               f"or stop it, or use another --workdir") from None
+    try:
+      if os.fstat(fd).st_ino != os.stat(path).st_ino:
+        os.close(fd)  # we locked a file its holder removed on release; lock the new one
+        continue
+    except FileNotFoundError:
+      os.close(fd)
+      continue
+    try:
+      _take_over(fd, path)
+    except BaseException:
+      os.close(fd)
+      raise
+    return _Lock(fd, path, created)
+  raise RunDirError(f"{path}: could not take the lock (the directory keeps changing under this process)")
+
+
+def _take_over(fd: int, path: str) -> None:
+  """Checks what a lock file we now hold the flock on says, then writes ourselves into it."""
+  previous = _read_holder(path)
+  host = socket.gethostname()
+  if previous and previous.get("pid") != os.getpid():
+    if previous.get("host") != host:
+      raise WorkdirLockedError(f"{path} names {_describe(previous)}, whose state this host cannot see; if that "
+                               f"run is no longer running, delete {path}")
+    state = "no longer running" if not _alive(previous.get("pid")) else "holds no lock on it"
+    logging.warning("taking over the stale lock %s of %s, which is %s", path, _describe(previous), state)
+  record = dict(pid=os.getpid(), host=host, since=time.strftime("%Y-%m-%d %H:%M:%S"), command=_command()[:300])
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+
+def _release(lock: _Lock) -> None:
+  try:
+    if os.fstat(lock.fd).st_ino == os.stat(lock.path).st_ino:
+      os.remove(lock.path)  # before unlocking: whoever opens it next creates a new file
+  except OSError:
+    pass
+  os.close(lock.fd)
+  for directory in lock.created:  # only while still empty
+    try:
+      os.rmdir(directory)
+    except OSError:
+      break
+
+
+def _missing_dirs(workdir: str) -> list[str]:
+  """The directories that creating `workdir` makes, deepest first."""
+  missing, path = [], os.path.abspath(workdir)
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def _command() -> str:
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  program = f"python -m {spec.name}" if spec is not None and spec.name else (sys.argv[0] if sys.argv else "python")
+  return " ".join([program] + sys.argv[1:])
+
+
+def _read_holder(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      holder = json.loads(f.read() or "null")
+    return holder if isinstance(holder, dict) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _describe(holder: dict | None) -> str:
+  if not holder:
+    return "another process (starting up)"
+  command = f": {holder['command']}" if holder.get("command") else ""
+  return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}{command}"
+
+
+def _alive(pid: Any) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # exists, owned by another user
+  return True

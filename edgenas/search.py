@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from edgenas import architecture as arch_lib
+from edgenas import checks
 from edgenas import cost as cost_lib
 from edgenas import data as data_lib
 from edgenas import loop as loop_lib
@@ -37,7 +39,15 @@ WATCHED = ("train_ce", "val_ce", "expected_cost")  # the NaN stop looks at these
 
 
 class SearchConfigError(ValueError):
-  pass
+  """A search config that cannot work; the message names the field."""
+
+
+class FinishedSearchError(rundir.RunDirError):
+  """A finished search (search.json written) whose arch.json is missing, unreadable or another network."""
+
+
+COST_MODELS = ("energy", "latency", "macs")
+WEIGHT_OPTIMIZERS = ("sgd", "adamw")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,8 +70,25 @@ def resolve_cost_model(config) -> tuple[cost_lib.OpCost, Any, str]:
   if c.model in ("energy", "latency"):
     from edgenas.energy import regressor
     quantity = "energy_uj" if c.model == "energy" else "latency_ms"
-    return regressor.op_cost_fn(c.platform, quantity), memory_fn, f"{c.model} on {c.platform} ({quantity})"
+    return (regressor.op_cost_fn(check_cost_platform(config), quantity), memory_fn,
+            f"{c.model} on {c.platform} ({quantity})")
   raise SearchConfigError(f"config.cost.model must be 'energy', 'latency' or 'macs', got {c.model!r}")
+
+
+def check_cost_platform(config):
+  """The platform `config.cost` prices with (loaded), or SearchConfigError naming config.cost.platform and the
+  shipped platforms; None for the MACs stand-in, which needs none."""
+  c = config.cost
+  if c.model not in ("energy", "latency"):
+    return None
+  from edgenas.energy import platform as platform_lib  # the energy model, only where a platform is named
+  quantity = "energy_uj" if c.model == "energy" else "latency_ms"
+  try:
+    platform = platform_lib.load_platform(c.platform)
+    platform.coefficients(quantity)
+  except platform_lib.EnergyModelError as e:
+    raise SearchConfigError(f"config.cost.platform: {e}") from None
+  return platform
 
 
 def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
@@ -71,8 +98,17 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
                             f"{s.relaxation!r}")
   if c.penalty not in objective_lib.PENALTIES:
     raise SearchConfigError(f"config.cost.penalty must be one of {objective_lib.PENALTIES}, got {c.penalty!r}")
-  if c.lam < 0:
-    raise SearchConfigError(f"config.cost.lam must be >= 0, got {c.lam}")
+  # NaN passes `lam < 0` and `target > 0` alike; refused here instead of as a diverged search.
+  checks.number(c, "lam", "config.cost", SearchConfigError, ge=0)
+  checks.number(c, "target", "config.cost", SearchConfigError, ge=0)
+  checks.number(c, "beta", "config.cost", SearchConfigError)
+  checks.number(c, "memory_weight", "config.cost", SearchConfigError, ge=0, default=0.0)
+  checks.number(c, "memory_budget", "config.cost", SearchConfigError, ge=0, default=0)
+  checks.number(s, "zero_one_weight", "config.search", SearchConfigError, ge=0)
+  checks.flag(s, "second_order", "config.search", SearchConfigError, False)
+  if not (np.isfinite(cost_ref) and cost_ref > 0):
+    raise SearchConfigError(f"the uniform supernet's expected cost under config.cost.model={c.model!r} is "
+                            f"{cost_ref!r}; the penalty divides by it, so it must be a positive finite number")
   if c.penalty in ("multiplicative", "target") and not c.target > 0:
     raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
   if c.penalty == "multiplicative" and c.target <= 1:
@@ -82,6 +118,60 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
       relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
       penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
       memory_weight=float(c.get("memory_weight", 0.0)), memory_budget=float(c.get("memory_budget", 0))))
+
+
+def check_config(config) -> None:
+  """Everything a search config can be checked for without its data or a device, in milliseconds: every field
+  of config.search, .weights, .arch and .cost (types, ranges, finite numbers), the cost model's platform, the
+  search space's fields, the split and the run cadence. Raises SearchConfigError (or SpaceError) naming the
+  field. What needs the data (the input shape against the space's strides, batch size against split sizes and
+  devices) is checked by `build`, still before any step."""
+  for section in ("space", "search", "weights", "arch", "cost"):
+    if section not in config:
+      raise SearchConfigError(f"the config has no '{section}' section (see experiments/digits.py)")
+  err, s, w, a = SearchConfigError, config.search, config.weights, config.arch
+  checks.number(config, "seed", "config", err, integer=True, ge=0)
+  checks.number(config, "val_fraction", "config", err, gt=0, lt=1)
+  size = config.get("image_size", 0)
+  if not (checks.is_int(size) and size >= 0) and not (
+      isinstance(size, (list, tuple)) and len(size) == 2 and all(checks.is_int(x) and x > 0 for x in size)):
+    raise err(f"config.image_size must be 0 (keep the dataset's size), a positive integer or (H, W), got {size!r}")
+  for key in ("log_every", "checkpoint_every"):
+    checks.number(config, key, "config", err, integer=True, ge=1)
+  if config.get("keep_checkpoints") is not None:  # None keeps every checkpoint
+    checks.number(config, "keep_checkpoints", "config", err, integer=True, ge=1)
+
+  checks.choice(s, "relaxation", "config.search", err, supernet_lib.RELAXATIONS)
+  epochs = checks.number(s, "epochs", "config.search", err, integer=True, ge=1)
+  checks.number(s, "warmup_epochs", "config.search", err, ge=0, lt=epochs,
+                why=f"warm-up epochs train the weights only; config.search.epochs is {epochs}")
+  checks.number(s, "batch_size", "config.search", err, integer=True, ge=1)
+  checks.number(s, "max_steps", "config.search", err, integer=True, ge=0, default=0)
+  checks.number(s, "tau_max", "config.search", err, gt=0)
+  checks.number(s, "tau_min", "config.search", err, gt=0)
+
+  checks.choice(w, "optimizer", "config.weights", err, WEIGHT_OPTIMIZERS)
+  lr = checks.number(w, "lr", "config.weights", err, gt=0)
+  checks.number(w, "lr_min", "config.weights", err, ge=0, le=lr, why=f"the cosine decays from lr = {lr:g} to it")
+  checks.number(w, "momentum", "config.weights", err, ge=0, lt=1)
+  checks.number(w, "weight_decay", "config.weights", err, ge=0)
+  checks.number(w, "grad_clip", "config.weights", err, gt=0)
+
+  checks.number(a, "lr", "config.arch", err, gt=0)
+  checks.number(a, "b1", "config.arch", err, ge=0, lt=1)
+  checks.number(a, "b2", "config.arch", err, ge=0, lt=1)
+  checks.number(a, "weight_decay", "config.arch", err, ge=0)
+
+  checks.choice(config.cost, "model", "config.cost", err, COST_MODELS)
+  check_cost_platform(config)
+  objective_config(config, 1.0)  # relaxation, penalty and its numbers
+
+  # The space's own fields; the data supplies input_shape and num_classes later, so stand-ins large enough for
+  # any stride take their place here (build checks the real ones).
+  space_cfg = dict(config.space)
+  space_cfg.setdefault("input_shape", (1 << 16, 1 << 16, 1))
+  space_cfg.setdefault("num_classes", 2)
+  space_lib.SearchSpace.from_config(space_cfg)
 
 
 def tau_at(step: int, total: int, s) -> float:
@@ -96,6 +186,7 @@ def tau_at(step: int, total: int, s) -> float:
 
 def build(config, dataset: data_lib.Dataset):
   """Search space, objective and the numbers of steps, from a config and its data."""
+  check_config(config)
   space_cfg = dict(config.space)
   space_cfg.setdefault("input_shape", dataset.input_shape)
   space_cfg.setdefault("num_classes", dataset.num_classes)
@@ -135,17 +226,59 @@ def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) 
   return correct / max(1, n)
 
 
-def run_search(config, workdir: str) -> dict:
-  """Searches, derives and writes `arch.json` + `search.json` in `workdir`; returns the result record."""
+def finished_result(workdir: str) -> dict | None:
+  """search.json of the search finished in `workdir`, once its arch.json is checked to load and to be the network
+  search.json records; None when no search finished there. Only reads: a finished search whose arch.json is
+  missing, unreadable or another network raises FinishedSearchError and is left as it is (searching again
+  would overwrite finished work)."""
   arch_path, result_path = os.path.join(workdir, ARCH_FILE), os.path.join(workdir, RESULT_FILE)
-  rundir.prepare_workdir(workdir, config)
-  if os.path.exists(result_path) and os.path.exists(arch_path):
+  if not os.path.exists(result_path):
+    return None
+  result = rundir.read_json(result_path)
+  want = result.get("arch_hash") if isinstance(result, dict) else None
+  if not isinstance(want, str):
+    raise FinishedSearchError(f"{result_path} records a finished search but no 'arch_hash'; nothing was changed. "
+                              f"Search again in a new --workdir.")
+
+  def refused(problem):
+    return FinishedSearchError(f"{workdir}: the search finished ({RESULT_FILE} records architecture {want}), but "
+                               f"{problem}; nothing was changed. Restore {ARCH_FILE} or search again in a new "
+                               f"--workdir.")
+
+  if not os.path.exists(arch_path):
+    raise refused(f"{ARCH_FILE} is missing")
+  try:
+    arch = arch_lib.Architecture.load(arch_path)
+  except arch_lib.ArchitectureError as e:
+    raise refused(f"{ARCH_FILE} does not load ({e})") from None
+  if arch.hash() != want:
+    raise refused(f"{ARCH_FILE} holds architecture {arch.hash()}")
+  return result
+
+
+def run_search(config, workdir: str) -> dict:
+  """Searches, derives and writes `arch.json` + `search.json` in `workdir`; returns the result record.
+
+  The config is checked before the workdir is touched, and `config.json` written only once the search is known
+  to start (after its data-dependent checks), so a refused config never blocks the corrected command. The
+  workdir is locked for the run (`rundir.workdir_lock`)."""
+  check_config(config)
+  with rundir.workdir_lock(workdir):
+    return _search(config, workdir)
+
+
+def _search(config, workdir: str) -> dict:
+  arch_path, result_path = os.path.join(workdir, ARCH_FILE), os.path.join(workdir, RESULT_FILE)
+  rundir.check_resume(workdir, config)  # a finished or started run there must have this config
+  finished = finished_result(workdir)
+  if finished is not None:
     say(f"{workdir}: search already finished; not running it again (use a new --workdir to search anew)")
-    return rundir.read_json(result_path)
+    return finished
 
   t_start = time.time()
   dataset = load_data(config)
   space, obj, plan = build(config, dataset)
+  rundir.prepare_workdir(workdir, config)  # only now: the search starts
   s = config.search
   total, warmup, per_epoch = plan["total"], plan["warmup"], plan["steps_per_epoch"]
   mesh = parallel.make_mesh()

@@ -106,13 +106,17 @@ class SearchSpace:
       raise SpaceError(f"search space: 'space.num_classes' must be at least 2, got {self.num_classes}")
     _positive("space.stem.channels", self.stem_channels)
     _positive("space.stem.kernel", self.stem_kernel)
+    if self.stem_kernel % 2 == 0:
+      raise SpaceError(f"search space: 'space.stem.kernel' must be a positive odd size, got {self.stem_kernel}")
     _positive("space.stem.stride", self.stem_stride)
+    _check_stride("space.stem.stride", self.stem_stride)
     if not self.stages:
       raise SpaceError("search space: 'space.stages' is empty; give at least one (layers, channels, stride)")
     for i, (n, c, s) in enumerate(self.stages):
       _positive(f"space.stages[{i}].layers", n)
       _positive(f"space.stages[{i}].channels", c)
       _positive(f"space.stages[{i}].stride", s)
+      _check_stride(f"space.stages[{i}].stride", s)
     if not self.kernels or not self.expansions:
       raise SpaceError("search space: no candidates: 'space.kernels' and 'space.expansions' must be non-empty")
     for k in self.kernels:
@@ -184,6 +188,12 @@ def _field(m, name, where):
     return m[name]
   except (KeyError, TypeError):
     raise SpaceError(f"search space: missing field '{where}.{name}'") from None
+
+
+def _check_stride(name, value):
+  # A derived network must load as an arch.json, which takes only the strides the operator tables measure.
+  if value not in arch_lib.STRIDES:
+    raise SpaceError(f"search space: '{name}' must be {' or '.join(map(str, arch_lib.STRIDES))}, got {value!r}")
 
 
 def _positive(name, value):

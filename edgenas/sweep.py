@@ -19,6 +19,20 @@ The sweep workdir gets `sweep.json` (one record per member), `pareto.json` (the 
     `export`, the int8 accuracy in the TFLite Micro interpreter. The source is always recorded.
 The front is drawn on `val_acc` unless every member is retrained, then on `test_acc` (no selection happens on it
 after that point).
+
+Finished results are never rewritten. The four files of one sweep form a *result set*, identified by its members
+and its stage (search, retrain or export); its sweep JSON, written last, is the record that the set is finished:
+  - the first set takes the plain names `sweep.json`, `pareto.json`, `pareto.png`, `summary.md`;
+  - a rerun asking for members (or a stage) that no finished set covers computes only what is missing (finished
+    members are read, not searched again) and writes a new set beside the old ones: `sweep-<key>.json`,
+    `pareto-<key>.json`, `pareto-<key>.png`, `summary-<key>.md`, `<key>` a hash of its member ids and stage;
+  - a rerun whose members all belong to one finished set (the same members, or fewer) at the same or a later
+    stage reports that set and computes and writes nothing.
+Why: a user who adds λ=10 to a finished sweep over λ=0,0.3,1 wants the front of all four, and gets it for the
+price of one search, while the three-member set stays byte for byte as it was first written (someone may have
+cited or plotted it). Rewriting `sweep.json` in place would silently change or drop published results, and
+refusing the rerun would force a new workdir and a repeat of every search. A set's files without its sweep JSON are
+leftovers of an interrupted write (or of a user deleting the record to redo it) and are written again.
 """
 from __future__ import annotations
 
@@ -26,6 +40,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 from typing import Iterable, Sequence
 
 import jax
@@ -52,6 +67,8 @@ RETRAIN_DIR = "retrain"
 TEST_ACC_FILE = "supernet_test.json"
 SWEEP_VERSION = 1
 TARGET_PENALTIES = ("target", "multiplicative")
+STAGES = ("search", "retrain", "export")  # a result set's stage; each later one carries more results
+_SET_FILE = re.compile(r"^sweep-[0-9a-f]{10}\.json$")
 
 
 class SweepError(ValueError):
@@ -185,10 +202,13 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
               targets: Sequence[float] = (), *, vectorize: bool = False, chunk: int | None = None,
               retrain: bool = False,
               export: bool = False) -> dict:
-  """Searches (and optionally retrains and exports) every member, then writes sweep.json, pareto.json,
-  pareto.png and summary.md in `workdir`; returns the sweep.json content. Finished members are skipped and
+  """Searches (and optionally retrains and exports) every member, then writes a new result set (sweep.json,
+  pareto.json, pareto.png and summary.md for the first; see the module docstring) in `workdir`; returns its sweep
+  JSON, or that of the finished set that already holds every member, writing nothing. Finished members are skipped and
   unfinished ones resume from their checkpoints. `chunk` (vectorised only): members stepped at once, 0 = all,
-  None = `default_chunk`."""
+  None = `default_chunk`. Every input is checked before the workdir is touched, which is locked for the sweep
+  (each member's search locks its own directory too)."""
+  search_lib.check_config(config)  # the search config every member starts from, before any file is written
   members = plan_members(config, lambdas, platforms, targets)
   if chunk is None:
     chunk = default_chunk(config)
@@ -202,7 +222,22 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
     train_lib.check_later_stages(config)
   if export:
     stages["export"] = _require_stage("export", "edgenas.export", "export_workdir")
+  with rundir.workdir_lock(workdir):
+    return _run_checked(config, workdir, members, vectorize, chunk, retrain, export, stages)
+
+
+def _run_checked(config, workdir: str, members: Sequence[Member], vectorize: bool, chunk: int, retrain: bool,
+                 export: bool, stages: dict) -> dict:
+  """`run_sweep` once its inputs are checked and its workdir is locked."""
   rundir.prepare_workdir(workdir, config)
+  stage = STAGES[2 if export else 1 if retrain else 0]
+  done = covering_set(workdir, [m.id for m in members], stage)
+  if done is not None:
+    ids, done_stage = set_identity(done)
+    say(f"sweep: every member is in the finished result set {set_files(done)['sweep']} ({len(ids)} members, "
+        f"{done_stage}); reporting it, nothing to compute or write")
+    return done
+  _say_what_stays(workdir, members)
   say(f"sweep: {len(members)} members ({', '.join(m.id for m in members)}), "
                  f"{'vectorised' if vectorize else 'one after another'}")
 
@@ -222,7 +257,7 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
     for m, r in zip(members, records):
       if r["status"] == "retrained":
         _export_member(workdir, m, r, stages["export"])
-  return write_outputs(workdir, records, baselines, mode="vectorized" if vectorize else "sequential")
+  return write_outputs(workdir, records, baselines, mode="vectorized" if vectorize else "sequential", stage=stage)
 
 
 def _search_all(config, workdir: str, members: Sequence[Member], vectorize: bool, chunk: int) -> dict:
@@ -370,6 +405,69 @@ def _retrain_baselines(config, workdir: str, platforms: Sequence[str], run_retra
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Result sets (see the module docstring)
+
+
+def result_set_key(member_ids: Iterable[str], stage: str) -> str:
+  """Names a result set by its stage and its members, in any order."""
+  return hashlib.sha1(f"{stage}:{','.join(sorted(member_ids))}".encode()).hexdigest()[:10]
+
+
+def result_files(key: str | None) -> dict[str, str]:
+  """File names of a result set: the plain names for the first set (key None), else suffixed with its key."""
+  names = dict(sweep=SWEEP_FILE, pareto=PARETO_FILE, plot=PLOT_FILE, summary=SUMMARY_FILE)
+  if key is None:
+    return names
+  return {kind: f"{os.path.splitext(n)[0]}-{key}{os.path.splitext(n)[1]}" for kind, n in names.items()}
+
+
+def finished_sets(workdir: str) -> list[dict]:
+  """The sweep JSON of every finished result set in `workdir`, the plain-named first set first."""
+  if not os.path.isdir(workdir):
+    return []
+  names = [SWEEP_FILE] if os.path.exists(os.path.join(workdir, SWEEP_FILE)) else []
+  names += sorted(n for n in os.listdir(workdir) if _SET_FILE.match(n))
+  return [rundir.read_json(os.path.join(workdir, n)) for n in names]
+
+
+def set_identity(sweep: dict) -> tuple[frozenset, str]:
+  """(member ids, stage) of a result set; a sweep.json from before result sets is judged by its records."""
+  recorded = sweep.get("result_set")
+  if recorded:
+    return frozenset(recorded["member_ids"]), recorded["stage"]
+  statuses = {r.get("status") for r in sweep["members"]}
+  stage = "export" if "exported" in statuses else "retrain" if "retrained" in statuses else "search"
+  return frozenset(r["id"] for r in sweep["members"]), stage
+
+
+def set_files(sweep: dict) -> dict[str, str]:
+  return sweep.get("result_set", {}).get("files") or result_files(None)
+
+
+def covering_set(workdir: str, member_ids: Iterable[str], stage: str) -> dict | None:
+  """The finished result set that already answers a sweep of `member_ids` at `stage`: one holding all of them at
+  the same or a later stage, the one with the fewest members, then the nearest stage; None if there is none."""
+  wanted, rank = set(member_ids), STAGES.index(stage)
+  covering = []
+  for sweep in finished_sets(workdir):
+    ids, done_stage = set_identity(sweep)
+    if wanted <= ids and STAGES.index(done_stage) >= rank:
+      covering.append(((len(ids), STAGES.index(done_stage) - rank), sweep))
+  return min(covering, key=lambda c: c[0], default=(None, None))[1]
+
+
+def _say_what_stays(workdir: str, members: Sequence[Member]) -> None:
+  """Before a new result set: which sets stay as they are, and which finished members the new one leaves out."""
+  sets = finished_sets(workdir)
+  if not sets:
+    return
+  say(f"sweep: writing a new result set; {', '.join(set_files(s)['sweep'] for s in sets)} stay as written")
+  left_out = sorted(set().union(*(set_identity(s)[0] for s in sets)) - {m.id for m in members})
+  if left_out:
+    say(f"sweep: finished members {', '.join(left_out)} are not in this set (list them too for their joint front)")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Outputs
 
 
@@ -381,8 +479,16 @@ def accuracy_key(records: Sequence[dict]) -> str:
 
 
 def write_outputs(workdir: str, records: Sequence[dict], baselines: Sequence[dict] = (),
-                  mode: str = "sequential") -> dict:
-  """sweep.json, pareto.json, pareto.png and summary.md from member records (process 0 writes)."""
+                  mode: str = "sequential", stage: str = "search") -> dict:
+  """A new result set from member records: sweep, pareto JSON, plot and summary (process 0 writes). If a set of
+  these members at this stage is finished already, it is returned and nothing is written."""
+  identity = (frozenset(r["id"] for r in records), stage)
+  for existing in finished_sets(workdir):
+    if set_identity(existing) == identity:
+      say(f"sweep: result set {set_files(existing)['sweep']} is finished already; not writing it again")
+      return existing
+  set_key = result_set_key(identity[0], stage)
+  files = result_files(set_key if os.path.exists(os.path.join(workdir, SWEEP_FILE)) else None)
   key = accuracy_key(records)
   front = pareto_lib.pareto_front(records, key)
   on_front = {r["id"] for r in front}
@@ -395,20 +501,25 @@ def write_outputs(workdir: str, records: Sequence[dict], baselines: Sequence[dic
       "fake-quant accuracy, then the TFLite Micro int8 accuracy after export (see test_acc_source in sweep.json).",
       "energy, latency, SRAM, flash: edgenas.energy.estimate.estimate_architecture of the derived arch.json.",
   ]
+  result_set = dict(key=set_key, stage=stage, member_ids=sorted(identity[0]), files=files)
   sweep = dict(version=SWEEP_VERSION, mode=mode, accuracy_key=key, members=list(records),
-               baselines=list(baselines), notes=notes)
+               baselines=list(baselines), notes=notes, result_set=result_set)
   if jax.process_index() == 0:
-    rundir.atomic_write_json(os.path.join(workdir, SWEEP_FILE), sweep)
-    rundir.atomic_write_json(os.path.join(workdir, PARETO_FILE), dict(
+    path = {kind: os.path.join(workdir, name) for kind, name in files.items()}
+    rundir.atomic_write_json(path["pareto"], dict(
         version=SWEEP_VERSION, accuracy_key=key, minimise="energy_uj", maximise=key,
-        per_platform=True, members=front))
-    tmp = os.path.join(workdir, f".{PLOT_FILE}.tmp.png")
+        per_platform=True, members=front, sweep=files["sweep"]))
+    tmp = os.path.join(workdir, f".{files['plot']}.tmp.png")
     pareto_lib.plot_front(records, front, key, tmp, baselines,
                           title=f"sweep over λ ({len(records)} members)")
-    os.replace(tmp, os.path.join(workdir, PLOT_FILE))
+    os.replace(tmp, path["plot"])
     summary = pareto_lib.summary_markdown(records, front, key, baselines, notes)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+    tmp = os.path.join(workdir, f".{files['summary']}.tmp")
+    with open(tmp, "w") as f:
       f.write(summary)
-    say(f"sweep: {len(front)} of {len(records)} members on the front; wrote {SWEEP_FILE}, "
-                   f"{PARETO_FILE}, {PLOT_FILE}, {SUMMARY_FILE} in {workdir}")
+    os.replace(tmp, path["summary"])
+    # Last: the sweep JSON marks the set finished, and is never replaced.
+    rundir.atomic_write_json(path["sweep"], sweep, overwrite=False)
+    say(f"sweep: {len(front)} of {len(records)} members on the front; wrote {', '.join(files.values())} in "
+        f"{workdir}")
   return sweep

@@ -28,6 +28,7 @@ import optax
 
 from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
+from edgenas import checks
 from edgenas import data as data_lib
 from edgenas import loop as loop_lib
 from edgenas import optim
@@ -71,49 +72,72 @@ REQUIRED_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "
 
 
 def check_config(rc) -> None:
-  """Rejects a `config.retrain` that cannot train, naming the field."""
+  """Rejects a `config.retrain` that cannot train, naming the field: every field's type and range, and no NaN or
+  Inf where a number feeds the optimizer or the schedule. Reads nothing, in microseconds."""
   missing = [name for name in REQUIRED_FIELDS if name not in rc]
   if missing:
     raise RetrainError(f"config.retrain is missing {', '.join(missing)} (see experiments/digits.py for every "
                        f"field and its meaning)")
   if rc.optimizer not in OPTIMIZERS:
     raise RetrainError(f"config.retrain.optimizer must be one of {OPTIMIZERS}, got {rc.optimizer!r}")
-  for name in ("epochs", "batch_size"):
-    if int(rc[name]) < 1:
-      raise RetrainError(f"config.retrain.{name} must be >= 1, got {rc[name]}")
-  if not rc.lr > 0:
-    raise RetrainError(f"config.retrain.lr must be > 0, got {rc.lr}")
-  if rc.qat_epochs and not rc.qat_lr > 0:
-    raise RetrainError(f"config.retrain.qat_lr must be > 0 when qat_epochs > 0, got {rc.qat_lr}")
-  if not 0 <= rc.qat_epochs <= rc.epochs:
-    raise RetrainError(f"config.retrain.qat_epochs must be in [0, epochs={rc.epochs}], got {rc.qat_epochs}")
-  if not 0 <= rc.warmup_epochs < rc.epochs:
-    raise RetrainError(f"config.retrain.warmup_epochs must be in [0, epochs), got {rc.warmup_epochs}")
-  if not 0 <= rc.ema_decay < 1:
-    raise RetrainError(f"config.retrain.ema_decay must be in [0, 1) (0 = off), got {rc.ema_decay}")
-  if not 0 <= rc.label_smoothing < 1:
-    raise RetrainError(f"config.retrain.label_smoothing must be in [0, 1), got {rc.label_smoothing}")
-  if rc.weight_decay < 0 or rc.max_shift < 0:
-    raise RetrainError("config.retrain.weight_decay and config.retrain.max_shift must be >= 0")
+  where, err = "config.retrain", RetrainError
+  epochs = checks.number(rc, "epochs", where, err, integer=True, ge=1)
+  checks.number(rc, "batch_size", where, err, integer=True, ge=1)
+  checks.number(rc, "lr", where, err, gt=0)
+  checks.number(rc, "lr_min_ratio", where, err, ge=0, le=1, default=0.0)
+  checks.number(rc, "momentum", where, err, ge=0, lt=1, default=0.9)
+  qat_epochs = checks.number(rc, "qat_epochs", where, err, integer=True, ge=0, le=epochs,
+                             why=f"QAT runs the last qat_epochs of epochs = {epochs}")
+  checks.number(rc, "qat_lr", where, err, **(dict(gt=0, why="QAT is on: qat_epochs > 0") if qat_epochs else dict(ge=0)))
+  checks.number(rc, "warmup_epochs", where, err, ge=0, lt=epochs, why=f"config.retrain.epochs is {epochs}")
+  checks.number(rc, "ema_decay", where, err, ge=0, lt=1, why="0 = off")
+  checks.number(rc, "label_smoothing", where, err, ge=0, lt=1)
+  checks.number(rc, "weight_decay", where, err, ge=0)
+  checks.number(rc, "max_shift", where, err, integer=True, ge=0)
+  checks.flag(rc, "flip", where, err, True)
+  checks.flag(rc, "use_val", where, err, True)
+  names = rc.get("platforms", ()) or ()
+  if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+    raise RetrainError(f"config.retrain.platforms must be a list of platform names, got {names!r}")
+
+
+def check_platforms(names: Sequence[str], where: str) -> list[str]:
+  """`names` if every one is a platform whose latency and energy can be predicted (a shipped name or a profile
+  .json); else RetrainError naming the first that is not and, for a name, the shipped ones. `where` says where
+  the names came from (a flag or a config field)."""
+  from edgenas.energy import platform as platform_lib  # the energy model, only where platforms are named
+  for name in names:
+    try:
+      platform = platform_lib.load_platform(name)
+      for quantity in platform_lib.QUANTITIES:
+        platform.coefficients(quantity)
+    except platform_lib.EnergyModelError as e:
+      raise RetrainError(f"{where}: {e}") from None
+  return list(names)
 
 
 def check_later_stages(config, baselines: bool = True) -> None:
   """What a pipeline or sweep will need after its search, checked before the search starts: a valid
-  config.retrain and known baselines. A bad field then costs seconds, not a whole search."""
+  config.retrain, the platforms its reports price and known baselines. A bad field then costs seconds, not a
+  whole search."""
   if "retrain" not in config:
     raise RetrainError("retraining needs a config.retrain section (see experiments/digits.py)")
   check_config(config.retrain)
+  platforms_of(config)
   if baselines:
     from edgenas import baselines as baselines_lib
     baselines_lib.check_names(tuple(config.get("baselines", ())))
 
 
-def platforms_of(config) -> list[str]:
-  """The platforms a report prices: `config.retrain.platforms`, or else the search's `config.cost.platform`."""
+def platforms_of(config, platforms: Sequence[str] | None = None) -> list[str]:
+  """The platforms a report prices, each checked to exist: `platforms` (--platforms) if given, else
+  `config.retrain.platforms`, or else the search's `config.cost.platform`."""
+  if platforms:
+    return check_platforms(list(platforms), "--platforms")
   names = list(config.retrain.get("platforms", ()) or ())
-  if not names:
-    names = [config.cost.platform]
-  return names
+  if names:
+    return check_platforms(names, "config.retrain.platforms")
+  return check_platforms([config.cost.platform], "config.cost.platform")
 
 
 def check_compatible(arch: arch_lib.Architecture, dataset: data_lib.Dataset, source: str) -> None:
@@ -245,15 +269,21 @@ def run_retrain(config, arch: arch_lib.Architecture, workdir: str, platforms: Se
   """Trains `arch` from scratch per `config.retrain`, writes `workdir/report.json`, returns the report.
 
   `platforms` overrides the platforms priced in the report; `source` names the arch.json in error messages.
-  A finished workdir returns its report without training again."""
+  A finished workdir returns its report without training again. The config is checked before the workdir is
+  touched and `config.json` written only once training is known to start; the workdir is locked for the run."""
   if "retrain" not in config:
     raise RetrainError("the config has no 'retrain' section (see experiments/digits.py)")
+  check_config(config.retrain)
+  platform_names = platforms_of(config, platforms)  # before any work: an unknown one would fail at the end
+  with rundir.workdir_lock(workdir):
+    return _retrain(config, arch, workdir, platform_names, source)
+
+
+def _retrain(config, arch: arch_lib.Architecture, workdir: str, platform_names: Sequence[str], source: str) -> dict:
   rc = config.retrain
-  check_config(rc)
-  platform_names = list(platforms) if platforms else platforms_of(config)
   report_path = os.path.join(workdir, REPORT_FILE)
-  rundir.prepare_workdir(workdir, _recorded_config(config, arch))
-  _place_arch(arch, workdir)
+  recorded = _recorded_config(config, arch)
+  rundir.check_resume(workdir, recorded)  # a finished or started run there must have this config and network
   if os.path.exists(report_path):
     say(f"{workdir}: retraining already finished; not running it again (use a new --workdir to retrain anew)")
     return rundir.read_json(report_path)
@@ -268,6 +298,8 @@ def run_retrain(config, arch: arch_lib.Architecture, workdir: str, platforms: Se
   if steps_per_epoch < 1:
     raise RetrainError(f"config.retrain.batch_size {rc.batch_size} is larger than the training split "
                        f"({len(train_split)} images)")
+  rundir.prepare_workdir(workdir, recorded)  # only now: training starts
+  _place_arch(arch, workdir)
   total = rc.epochs * steps_per_epoch
   qat_start = (rc.epochs - rc.qat_epochs) * steps_per_epoch
   mesh = parallel.make_mesh()

@@ -7,7 +7,7 @@ Every on-target build links against these; `launch.export --targets`, `launch.ru
 (EDGENAS_DEVICE_CACHE moves it), keyed by target, flags, compiler and TFLM commit. Sources: TFLM_DIR, or the
 pinned tree in ../shared/third_party/tflite-micro/.
 """
-from absl import app, flags
+from absl import flags
 
 from launch import common
 
@@ -25,8 +25,8 @@ def build(names: str) -> None:
 
 def main(argv):
   del argv
-  common.run_or_exit(build, _TARGETS.value)
+  build(_TARGETS.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -3,15 +3,15 @@
   python -m launch.estimate --platform=stm32l4r5_tflm --model=model.tflite --rate=1 --battery_mwh=2000
 """
 import json
-import sys
+import os
 
-from absl import app
 from absl import flags
 
 from edgenas import architecture as arch_lib
 from edgenas.energy import estimate
 from edgenas.energy import platform as platform_lib
 from edgenas.energy.errors import EnergyModelError
+from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("platform", platform_lib.DEFAULT_PLATFORM,
@@ -24,15 +24,14 @@ flags.DEFINE_boolean("per_operator", True, "Include the per-operator breakdown."
 
 def main(argv):
   del argv
-  try:
-    if FLAGS.model.endswith(".json"):
-      report = estimate.estimate_architecture(arch_lib.Architecture.load(FLAGS.model), FLAGS.platform,
-                                              FLAGS.rate, FLAGS.battery_mwh)
-    else:
-      report = estimate.estimate_tflite(FLAGS.model, FLAGS.platform, FLAGS.rate, FLAGS.battery_mwh)
-  except (EnergyModelError, arch_lib.ArchitectureError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if not os.path.isfile(FLAGS.model):  # one line for a directory or a missing file, before any parsing
+    problem = "is a directory" if os.path.isdir(FLAGS.model) else "no such file"
+    raise EnergyModelError(f"--model={FLAGS.model}: {problem}; give an int8 .tflite file or an arch.json")
+  if FLAGS.model.endswith(".json"):
+    report = estimate.estimate_architecture(arch_lib.Architecture.load(FLAGS.model), FLAGS.platform, FLAGS.rate,
+                                            FLAGS.battery_mwh)
+  else:
+    report = estimate.estimate_tflite(FLAGS.model, FLAGS.platform, FLAGS.rate, FLAGS.battery_mwh)
   if not FLAGS.per_operator:
     report.pop("operators")
   print(json.dumps(report, indent=2))
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

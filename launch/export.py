@@ -14,12 +14,11 @@ Exits with status 1 and one line naming the budget, operator or file when the ex
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py",
-                                          "Experiment config (dataset) for --arch/--checkpoint exports.")
+_CONFIG = common.define_config(help_string="Experiment config (its dataset) for --arch/--checkpoint exports. "
+                               + common.CONFIG_HELP)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished retrain workdir; writes WORKDIR/export.")
 _ARCH = flags.DEFINE_string("arch", None, "arch.json to export (with --checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Saved network (a retrain's final/ directory).")
@@ -43,14 +42,16 @@ def main(argv):
                 riscv_arch=_RISCV_ARCH.value, targets=_TARGETS.value, target_images=_TARGET_IMAGES.value)
   if _WORKDIR.value and not (_ARCH.value or _CHECKPOINT.value):
     out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "export")
-    report = common.run_or_exit(export.export_workdir, _WORKDIR.value, _PLATFORMS.value, out_dir, **kwargs)
+    with common.workdir_lock(out_dir):
+      report = export.export_workdir(_WORKDIR.value, _PLATFORMS.value, out_dir, **kwargs)
   elif _ARCH.value and _CHECKPOINT.value and not _WORKDIR.value:
     from edgenas.export import exporter
     config = _CONFIG.value
     platforms = _PLATFORMS.value or [config.cost.platform]
     out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(_ARCH.value)), "export")
-    report = common.run_or_exit(exporter.export_checkpoint, _ARCH.value, _CHECKPOINT.value, config, out_dir,
-                                platforms, _QAT.value, **kwargs)
+    with common.workdir_lock(out_dir):
+      report = exporter.export_checkpoint(_ARCH.value, _CHECKPOINT.value, config, out_dir, platforms, _QAT.value,
+                                          **kwargs)
   else:
     raise app.UsageError("give either --workdir=DIR, or --arch=arch.json together with --checkpoint=DIR")
   acc = report["accuracy"]
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

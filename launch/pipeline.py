@@ -4,12 +4,11 @@ Search → derive → retrain (quantization-aware) → export to int8 TFLite Mic
 then the hand-designed baselines on the same budget, ending with a table of accuracy, energy, latency, SRAM and
 flash. Started again on the same workdir, it resumes where it stopped and never redoes a finished stage.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
+_CONFIG = common.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also retrain the baselines for the comparison table.")
 _EXPORT = flags.DEFINE_bool("export", True, "Export and verify the searched network in TFLite Micro.")
@@ -21,13 +20,13 @@ common.define_multihost_flags()
 
 def main(argv):
   del argv
-  from edgenas import pipeline
   common.initialize_multihost_if_asked()
-  common.setup_process()
-  common.run_or_exit(pipeline.run_pipeline, _CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
-                     export=_EXPORT.value, targets=None if _TARGETS.value is None else
-                     [t for t in _TARGETS.value if t])
+  with common.workdir_lock(_WORKDIR.value):  # before the slow imports: a second launcher exits at once
+    from edgenas import pipeline
+    common.setup_process()
+    pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value, export=_EXPORT.value,
+                          targets=None if _TARGETS.value is None else [t for t in _TARGETS.value if t])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -25,6 +25,7 @@ from edgenas.energy import lut as lut_lib
 from edgenas.energy import platform as platform_lib
 from edgenas.energy import profiling
 from edgenas.energy import regressor
+from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backend", "host", ["host", "emulate", "board", "parse_log", "fit", "calibrate"],
@@ -69,8 +70,7 @@ def _emulate() -> None:
 
 def main(argv):
   del argv
-  from launch import common
-  common.run_or_exit(_main)
+  _main()
 
 
 def _main():
@@ -120,4 +120,4 @@ def _main():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -8,12 +8,11 @@ Writes DIR/report.json (test accuracy float and fake-quant int8, params, MACs, p
 per platform) and DIR/final/ (the trained variables, for the exporter). Starting it again on the same workdir
 resumes from the latest checkpoint.
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
+_CONFIG = common.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it exists).", required=True)
 _ARCH = flags.DEFINE_string("arch", None, "arch.json, or a finished search workdir holding one.")
 _BASELINE = flags.DEFINE_string("baseline", None, "A hand-designed reference network instead of --arch: "
@@ -46,9 +45,9 @@ def retrain(config, arch_flag, baseline_flag, workdir, platforms):
 def main(argv):
   del argv
   common.initialize_multihost_if_asked()
-  common.setup_process()
-  report = common.run_or_exit(retrain, _CONFIG.value, _ARCH.value, _BASELINE.value, _WORKDIR.value,
-                              _PLATFORMS.value)
+  with common.workdir_lock(_WORKDIR.value):  # before the slow imports: a second launcher exits at once
+    common.setup_process()
+    report = retrain(_CONFIG.value, _ARCH.value, _BASELINE.value, _WORKDIR.value, _PLATFORMS.value)
   costs = "  ".join(f"{name}: {c['energy_uj']:.4g} uJ, {c['latency_ms']:.4g} ms, SRAM {c['peak_sram_bytes']} B, "
                     f"flash {c['flash_bytes']} B" for name, c in report["platforms"].items())
   print(f"{report['arch_name'] or report['arch_hash']}: test acc {report['test_acc_float']:.4f} float, "
@@ -56,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

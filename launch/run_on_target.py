@@ -15,7 +15,7 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from launch import common
 
@@ -76,8 +76,8 @@ def main(argv):
   del argv
   common.setup_process()
   out_dir = _OUT_DIR.value or os.path.splitext(_MODEL.value)[0] + ".device"
-  results = common.run_or_exit(run, _MODEL.value, _TARGETS.value, out_dir, _IMAGES.value, _INPUTS.value,
-                               _SEED.value, _TIMEOUT.value, _MEM.value)
+  results = run(_MODEL.value, _TARGETS.value, out_dir, _IMAGES.value, _INPUTS.value, _SEED.value, _TIMEOUT.value,
+                _MEM.value)
   for name, r in results.items():
     mm = r["memory_model"]
     print(f"{name}: {r['images_matching']}/{r['images_checked']} inputs byte-exact with the host; "
@@ -91,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

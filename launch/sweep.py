@@ -3,19 +3,20 @@
 [--multihost]`.
 
 Every member searches (and derives) in DIR/members/<id>/; DIR gets sweep.json, pareto.json, pareto.png and
-summary.md. Starting it again on the same workdir skips finished members and resumes the others.
+summary.md. Starting it again on the same workdir skips finished members and resumes the others; finished results
+are never rewritten: other members write a new set beside them (sweep-<key>.json, ...), members a finished set
+already holds are reported from it (edgenas/sweep.py).
 
 Several processes on one or more machines (population spread over all their devices, process 0 writes):
   python -m launch.sweep ... --vectorize --multihost                  # Slurm / TPU pods: detected by JAX
   python -m launch.sweep ... --vectorize --multihost --coordinator_address=HOST:PORT --num_processes=N \
       --process_id=I                                                  # processes started by hand
 """
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/digits.py", "Experiment config file.")
+_CONFIG = common.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (resumed if it exists).", required=True)
 _LAMBDAS = flags.DEFINE_string("lambdas", None, "Comma-separated energy-penalty weights λ >= 0.", required=True)
 _PLATFORMS = flags.DEFINE_string("platforms", "", "Comma-separated platforms (default: config.cost.platform).")
@@ -31,18 +32,15 @@ common.define_multihost_flags()
 
 def main(argv):
   del argv
-  import jax
-  from edgenas import sweep
   common.initialize_multihost_if_asked()
-  common.setup_process()
-
-  def run():
-    return sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.parse_values(_LAMBDAS.value, "lambdas"),
-                           [p.strip() for p in _PLATFORMS.value.split(",") if p.strip()],
-                           sweep.parse_values(_TARGETS.value, "targets"), vectorize=_VECTORIZE.value,
-                           chunk=_CHUNK.value, retrain=_RETRAIN.value, export=_EXPORT.value)
-
-  result = common.run_or_exit(run)
+  with common.workdir_lock(_WORKDIR.value):  # before the slow imports: a second launcher exits at once
+    import jax
+    from edgenas import sweep
+    common.setup_process()
+    result = sweep.run_sweep(_CONFIG.value, _WORKDIR.value, sweep.parse_values(_LAMBDAS.value, "lambdas"),
+                             [p.strip() for p in _PLATFORMS.value.split(",") if p.strip()],
+                             sweep.parse_values(_TARGETS.value, "targets"), vectorize=_VECTORIZE.value,
+                             chunk=_CHUNK.value, retrain=_RETRAIN.value, export=_EXPORT.value)
   if jax.process_index() != 0:
     return
   key = result["accuracy_key"]
@@ -50,8 +48,9 @@ def main(argv):
     acc = "–" if r.get(key) is None else f"{r[key]:.4f}"
     energy = "–" if r.get("energy_uj") is None else f"{r['energy_uj']:.4g} µJ"
     print(f"{r['id']}: {r['status']}  {key} {acc}  energy {energy}{'  [front]' if r.get('on_front') else ''}")
-  print(f"-> {_WORKDIR.value}/sweep.json, pareto.json, pareto.png, summary.md")
+  files = result.get("result_set", {}).get("files") or sweep.result_files(None)  # the set written or reported
+  print(f"-> {_WORKDIR.value}/{', '.join(files.values())}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -157,3 +157,43 @@ def test_restore_keeps_target_shardings_on_a_device_mesh(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, "-c", _SHARDED_RESTORE, str(tmp_path / "ckpt")], check=True, env=env,
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: edgenas importable
+
+
+# The tiny search shrunk to one searchable layer and 6 steps (checkpoints at steps 0, 3 and 5), as in test_sweep.
+_SMALL_SEARCH = """from experiments import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  c.space.stages = [dict(layers=1, channels=8, stride=1)]
+  c.space.kernels = (3,)
+  c.search.max_steps = 6
+  c.checkpoint_every = 3
+  c.log_every = 3
+  return c
+"""
+
+
+def test_launcher_falls_back_from_a_truncated_checkpoint_with_one_warning_line(tmp_path):
+  """The fallback is the only thing on stderr: orbax's failed restore leaves no 'Event loop is closed' tracebacks."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config, workdir = tmp_path / "config.py", tmp_path / "search"
+  config.write_text(_SMALL_SEARCH)
+  command = [sys.executable, "-m", "launch.search", f"--config={config}", f"--workdir={workdir}"]
+  subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True, timeout=300)
+  # As if killed while writing the last checkpoint, before the results: the search resumes from step 3.
+  os.remove(workdir / "search.json")
+  os.remove(workdir / "arch.json")
+  data_files = glob.glob(str(workdir / "checkpoints" / "5" / "state" / "**" / "d" / "*"), recursive=True)
+  assert data_files
+  for data_file in data_files:
+    with open(data_file, "r+b") as f:
+      f.truncate(3)
+  proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "resuming from checkpoint step 3" in proc.stdout
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[:3000]
+  assert len(lines) == 1, proc.stderr[:3000]
+  assert "checkpoint step 5" in lines[0] and "is corrupt" in lines[0] and "falling back" in lines[0]
+  assert os.path.isdir(workdir / "checkpoints" / "5.corrupt") and os.path.exists(workdir / "arch.json")

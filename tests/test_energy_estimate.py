@@ -49,7 +49,8 @@ def test_costlier_platform_and_larger_network_cost_more():
 
 
 def test_queries_beyond_the_table_are_flagged_not_silently_trusted():
-  space = dict(SPACE, input_shape=(64, 64, 3), stages=[dict(layers=1, channels=512, stride=1)], expansions=[6])
+  space = dict(SPACE, input_shape=(64, 64, 3), stem=dict(channels=512, kernel=3, stride=1),
+               stages=[dict(layers=1, channels=512, stride=1)], expansions=[6])
   arch = space_lib.SearchSpace.from_config(space).architecture([0], [3072])
   report = estimate.estimate_architecture(arch, "stm32l4r5_tflm")
   assert any("in_c=3072" in f and "outside the table's" in f for f in report["out_of_range"])
@@ -82,4 +83,4 @@ def test_launcher_reports_bad_input_clearly(tmp_path):
   bad = tmp_path / "arch.json"
   bad.write_text(json.dumps({"version": 1}))
   result = _run(f"--model={bad}")
-  assert result.returncode == 2 and "missing field 'input_shape'" in result.stderr and not result.stdout
+  assert result.returncode == 1 and "missing field 'input_shape'" in result.stderr and not result.stdout

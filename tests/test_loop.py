@@ -166,3 +166,29 @@ def test_metrics_files_and_checkpointer_are_closed_when_a_run_fails(tmp_path, mo
   with pytest.raises(Crash):
     make_loop(tmp_path, metrics_paths=paths).run(init_state(), crashing, diverged=loss_diverged, log=quiet)
   assert sorted(closed) == sorted(paths + ["checkpointer"])
+
+
+def test_ctrl_c_saves_the_step_it_stopped_at_and_a_rerun_ends_like_an_uninterrupted_run(tmp_path):
+  import signal
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    pytest.skip("SIGINT is not Python's KeyboardInterrupt in this process")
+  kwargs = dict(diverged=loss_diverged, log_fields=epoch_field, log=quiet)
+  straight = make_loop(tmp_path / "straight").run(init_state(), step_fn, **kwargs)
+
+  def interrupted(state, step):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 5: the loop ends that step, then stops
+    return step_fn(state, step)
+
+  workdir = tmp_path / "interrupted"
+  with pytest.raises(loop_lib.Interrupted, match="interrupted at step 6; rerun the same command to resume") as e:
+    make_loop(workdir).run(init_state(), interrupted, **kwargs)
+  assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 6
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+  assert checkpoint_steps(workdir) == [0, 4, 5]  # saved where it stopped
+  lines = []
+  resumed = make_loop(workdir).run(init_state(), step_fn, **(kwargs | dict(log=lines.append)))
+  assert lines[0] == "resuming from checkpoint step 5"
+  np.testing.assert_array_equal(np.asarray(resumed.state["w"]), np.asarray(straight.state["w"]))
+  with open(workdir / "metrics.jsonl") as f, open(tmp_path / "straight" / "metrics.jsonl") as g:
+    assert f.read() == g.read()

@@ -1,6 +1,10 @@
 """Run-directory helpers: config recording and resume checks, metrics, progress lines, atomic results."""
 import json
+import logging
 import os
+import socket
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -110,9 +114,19 @@ def test_progress_lines_show_step_rates_and_eta():
     now[0] += 5.0 if step == 0 else 0.5  # a slow first (compiling) step
     logged = progress.update(step)
     assert (logged is not None) == ((step + 1) % 10 == 0)
-  assert lines[0] == "step 10/100 (10.0%)  1.05 steps/s  34 img/s  ETA 1m26s"
-  assert lines[1] == "step 20/100 (20.0%)  2.00 steps/s  64 img/s  ETA 40s"  # compile time no longer counts
+  # The first line's rate starts after the compiling first step: its ETA excludes compile time.
+  assert lines[0] == "step 10/100 (10.0%)  2.00 steps/s  64 img/s  ETA 45s"
+  assert lines[1] == "step 20/100 (20.0%)  2.00 steps/s  64 img/s  ETA 40s"
   assert lines[-1].startswith("step 100/100 (100.0%)") and lines[-1].endswith("ETA 0s")
+
+
+def test_progress_line_right_after_the_compiling_step_has_no_eta_yet():
+  now, lines = [0.0], []
+  progress = metrics_lib.Progress(10, every_steps=1, clock=lambda: now[0], log=lines.append)
+  for step, seconds in enumerate([5.0, 0.5]):
+    now[0] += seconds
+    progress.update(step)
+  assert lines == ["step 1/10 (10.0%)  0.20 steps/s  ETA ?", "step 2/10 (20.0%)  2.00 steps/s  ETA 4s"]
 
 
 def test_progress_resumed_and_last_step():
@@ -149,3 +163,70 @@ def test_read_json_errors_name_the_file(tmp_path):
     rundir.read_json(str(bad))
   with pytest.raises(rundir.RunDirError, match="nope.json: no such file"):
     rundir.read_json(str(tmp_path / "nope.json"))
+
+
+def _try_lock_elsewhere(workdir) -> subprocess.CompletedProcess:
+  code = (f"from edgenas import rundir\nwith rundir.workdir_lock({str(workdir)!r}, primary=True):\n"
+          f"  print('locked')\n")
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_workdir_lock_is_exclusive_reentrant_and_leaves_no_trace(tmp_path):
+  workdir = tmp_path / "new"
+  with rundir.workdir_lock(str(workdir), primary=True):
+    holder = rundir.read_json(str(workdir / rundir.LOCK_FILE))
+    assert holder["pid"] == os.getpid() and holder["host"] and holder["since"]
+    with rundir.workdir_lock(str(workdir), primary=True):  # the same process nests
+      pass
+    assert (workdir / rundir.LOCK_FILE).exists()
+    other = _try_lock_elsewhere(workdir)
+    assert other.returncode == 1 and "WorkdirLockedError" in other.stderr
+    assert f"in use by pid {os.getpid()} on {holder['host']} since {holder['since']}" in other.stderr
+  assert not workdir.exists()  # created by the lock, left empty: removed
+  assert _try_lock_elsewhere(workdir).stdout == "locked\n"
+
+  kept = tmp_path / "kept"
+  kept.mkdir()
+  with rundir.workdir_lock(str(kept), primary=True):
+    (kept / "config.json").write_text("{}")
+  assert os.listdir(kept) == ["config.json"]
+  with rundir.workdir_lock(str(tmp_path / "not-process-0"), primary=False):
+    assert not (tmp_path / "not-process-0").exists()
+
+
+def test_stale_lock_is_taken_over_and_a_foreign_host_refused(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  lock = tmp_path / rundir.LOCK_FILE
+  lock.write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), since="then", command="x")))
+  with caplog.at_level(logging.WARNING):
+    with rundir.workdir_lock(str(tmp_path), primary=True):
+      assert rundir.read_json(str(lock))["pid"] == os.getpid()
+  assert f"taking over the stale lock {lock} of pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
+  lock.write_text(json.dumps(dict(pid=1, host="elsewhere", since="then")))
+  with pytest.raises(rundir.WorkdirLockedError, match="pid 1 on elsewhere since then.*delete"):
+    with rundir.workdir_lock(str(tmp_path), primary=True):
+      pass
+  assert json.loads(lock.read_text())["host"] == "elsewhere"  # left as it was
+
+
+def test_workdir_lock_names_bad_directories(tmp_path):
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(rundir.RunDirError, match="afile: exists and is not a directory"):
+    with rundir.workdir_lock(str(tmp_path / "afile"), primary=True):
+      pass
+  with pytest.raises(rundir.RunDirError, match="/proc/edgenas-x: cannot create the run directory"):
+    with rundir.workdir_lock("/proc/edgenas-x", primary=True):
+      pass
+
+
+def test_check_resume_compares_without_writing(tmp_path):
+  assert rundir.check_resume(str(tmp_path / "none"), _config()) is False
+  assert not (tmp_path / "none").exists()
+  rundir.prepare_workdir(str(tmp_path), _config())
+  assert rundir.check_resume(str(tmp_path), _config()) is True
+  changed = _config()
+  changed.search.lam = 0.5
+  with pytest.raises(rundir.ConfigMismatchError, match="search.lam"):
+    rundir.check_resume(str(tmp_path), changed)

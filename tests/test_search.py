@@ -99,12 +99,12 @@ def test_killed_run_resumes_to_the_same_architecture(reference, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-  # α moves only after 5 warm-up steps; an infinite α learning rate then makes the loss NaN.
-  config = write_config(tmp_path, "nan", "c.search.warmup_epochs = 0.15\nc.arch.lr = float('inf')")
+  # α moves only after 6 warm-up steps; a huge α learning rate (finite: Inf is refused up front) then overflows it.
+  config = write_config(tmp_path, "nan", "c.search.warmup_epochs = 0.15\nc.arch.lr = 1e38")
   workdir = str(tmp_path / "nan")
   r = launch(config, workdir)
   assert r.returncode == 1
-  assert "became nan" in r.stderr
+  assert "became nan" in r.stderr or "became NaN/Inf" in r.stderr, r.stderr
   kept = re.search(r"last good checkpoint is step (\d+)", r.stderr)
   assert kept, r.stderr
   steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
@@ -127,3 +127,110 @@ def test_four_devices_give_the_same_architecture_logits_as_one(tmp_path):
   assert read(one, "search.json")["devices"] == 1 and read(four, "search.json")["devices"] == 4
   for a, b in zip(read(one, "search.json")["alpha"], read(four, "search.json")["alpha"]):
     assert a == pytest.approx(b, abs=1e-4)
+
+
+# ---- the config and finished-search checks, called directly (no launcher, no data, no device)
+
+
+def _tiny(**changes):
+  """experiments/tiny.py with {"section.field": value} changes."""
+  from experiments import tiny
+  c = tiny.get_config()
+  for path, value in changes.items():
+    *sections, key = path.split(".")
+    node = c
+    for s in sections:
+      node = node[s]
+    node[key] = value
+  return c
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"cost.lam": float("nan")}, r"config\.cost\.lam must be a finite number, got nan"),
+    ({"cost.lam": -0.1}, r"config\.cost\.lam must be a number >= 0, got -0\.1"),
+    ({"cost.target": float("inf")}, r"config\.cost\.target must be a finite number"),
+    ({"cost.beta": float("nan")}, r"config\.cost\.beta must be a finite number"),
+    ({"cost.memory_weight": float("nan")}, r"config\.cost\.memory_weight must be a finite number"),
+    ({"search.epochs": -1}, r"config\.search\.epochs must be an integer >= 1, got -1"),
+    ({"search.epochs": 0}, r"config\.search\.epochs must be an integer >= 1, got 0"),
+    ({"search.batch_size": 0}, r"config\.search\.batch_size must be an integer >= 1, got 0"),
+    ({"search.warmup_epochs": -1.0}, r"config\.search\.warmup_epochs must be a number in \[0, 1\)"),
+    ({"search.warmup_epochs": 1.0}, r"config\.search\.warmup_epochs .*config\.search\.epochs is 1"),
+    ({"search.max_steps": -1}, r"config\.search\.max_steps must be an integer >= 0, got -1"),
+    ({"search.tau_min": 0.0}, r"config\.search\.tau_min must be a number > 0"),
+    ({"search.tau_max": float("nan")}, r"config\.search\.tau_max must be a finite number"),
+    ({"search.relaxation": "annealed"}, r"config\.search\.relaxation must be one of 'softmax', 'gumbel', "),
+    ({"weights.lr": float("inf")}, r"config\.weights\.lr must be a finite number, got inf"),
+    ({"weights.weight_decay": float("nan")}, r"config\.weights\.weight_decay must be a finite number"),
+    ({"weights.momentum": 1.0}, r"config\.weights\.momentum must be a number in \[0, 1\)"),
+    ({"weights.lr_min": 1.0}, r"config\.weights\.lr_min must be a number in \[0, 0\.1\]"),
+    ({"weights.optimizer": "lamb"}, r"config\.weights\.optimizer must be one of 'sgd', 'adamw'"),
+    ({"arch.lr": float("inf")}, r"config\.arch\.lr must be a finite number, got inf"),
+    ({"arch.b2": 1.0}, r"config\.arch\.b2 must be a number in \[0, 1\)"),
+    ({"val_fraction": 1.0}, r"config\.val_fraction must be a number in \(0, 1\), got 1\.0"),
+    ({"checkpoint_every": 0}, r"config\.checkpoint_every must be an integer >= 1"),
+    ({"cost.model": "flops"}, r"config\.cost\.model must be one of 'energy', 'latency', 'macs'"),
+    ({"cost.platform": "nosuchchip"}, r"config\.cost\.platform: unknown platform 'nosuchchip'; shipped platforms: "
+                                      r".*stm32l4r5_tflm"),
+    ({"space.stages": [dict(layers=1, channels=8, stride=3)]}, r"space\.stages\[0\]\.stride' must be 1 or 2, got 3"),
+])
+def test_check_config_refuses_a_bad_field_naming_it(changes, message):
+  from edgenas import search
+  with pytest.raises(ValueError, match=message) as e:
+    search.check_config(_tiny(**changes))
+  assert "\n" not in str(e.value)
+
+
+def test_check_config_passes_the_shipped_configs():
+  from edgenas import search
+  from experiments import cifar10, digits, tiny
+  for module in (digits, tiny, cifar10):
+    search.check_config(module.get_config())
+
+
+def _finished_search_dir(tmp_path, arch_text):
+  """A workdir that looks finished: search.json recording the tiny network, and `arch_text` as its arch.json."""
+  from edgenas import architecture as arch_lib
+  from edgenas import rundir
+  arch = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(8, 3, 1),
+                               (arch_lib.Layer("skip", 8, 8, 1), arch_lib.Layer("mbconv", 8, 16, 2, 3, 1, 8)))
+  workdir = tmp_path / "finished"
+  workdir.mkdir()
+  rundir.atomic_write_json(str(workdir / "search.json"), {"arch_hash": arch.hash(), "arch": arch.summary()})
+  if arch_text is not None:
+    (workdir / "arch.json").write_text(arch.to_json() + "\n" if arch_text == "valid" else arch_text)
+  return workdir
+
+
+def _digests(workdir):
+  import hashlib
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(workdir.iterdir())
+          if p.name in ("arch.json", "search.json")}
+
+
+@pytest.mark.parametrize("arch_text, message", [
+    ("garbage, not JSON", r"arch\.json does not load \(.*arch\.json: not valid JSON"),
+    ('{"version": 1, "kernal": 3}', r"arch\.json does not load \(.*unknown field 'kernal'"),
+    ('{"version": 1, "name": "", "input_shape": [8, 8, 1], "num_classes": 10, "head_channels": 0, '
+     '"stem": {"channels": 8, "kernel": 3, "stride": 1}, '
+     '"layers": [{"op": "skip", "in_channels": 8, "out_channels": 8, "stride": 1}]}', r"arch\.json holds architecture"),
+    (None, r"arch\.json is missing"),
+])
+def test_finished_search_with_a_broken_arch_json_is_refused_and_left_alone(tmp_path, arch_text, message):
+  from edgenas import search
+  workdir = _finished_search_dir(tmp_path, arch_text)
+  before = _digests(workdir)
+  with pytest.raises(search.FinishedSearchError, match=message) as e:
+    search.run_search(_tiny(), str(workdir))
+  assert "search finished (search.json records architecture" in str(e.value) and "\n" not in str(e.value)
+  assert _digests(workdir) == before
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_finished_search_with_its_arch_json_is_returned_as_recorded(tmp_path):
+  from edgenas import rundir, search
+  workdir = _finished_search_dir(tmp_path, "valid")
+  before = _digests(workdir)
+  assert search.finished_result(str(workdir)) == rundir.read_json(str(workdir / "search.json"))
+  assert search.finished_result(str(tmp_path)) is None  # nothing finished there
+  assert _digests(workdir) == before

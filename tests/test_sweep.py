@@ -73,7 +73,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, lambdas, platforms, targ
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("warmup_epochs", 99, "config.retrain.warmup_epochs must be in [0, epochs)"),
+    ("warmup_epochs", 99, "config.retrain.warmup_epochs must be a number in [0, 30)"),
     ("baselines", ("resnet50",), "unknown baseline(s) 'resnet50'"),
 ])
 def test_bad_retrain_settings_are_refused_before_the_search(tmp_path, field, value, message):
@@ -167,10 +167,13 @@ def test_resume_skips_finished_members_and_resumes_unfinished_ones(sequential, c
   members = sweep.plan_members(small_config(), LAMBDAS)
   finished = os.path.join(sweep.member_dir(workdir, members[0]), "search.json")
   before = os.path.getmtime(finished)
-  # The second member lost its results (as if killed after its last checkpoint): it must resume, not restart.
+  # Killed after the second member's last checkpoint, before its results and the sweep's (a finished result set
+  # would be reported as it is): the second member must resume, not restart.
   second = sweep.member_dir(workdir, members[1])
   for name in ("search.json", "arch.json", sweep.TEST_ACC_FILE):
     os.remove(os.path.join(second, name))
+  for name in sweep.result_files(None).values():
+    os.remove(os.path.join(workdir, name))
   again = sweep.run_sweep(small_config(), workdir, LAMBDAS)
   out = capsys.readouterr().out
   assert f"{members[0].id}: search already finished; skipping it" in out

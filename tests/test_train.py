@@ -159,8 +159,8 @@ def test_malformed_arch_json_names_the_file_and_field(tmp_path):
 
 
 @pytest.mark.parametrize("arch, field", [
-    (arch_lib.Architecture((16, 16, 1), 10, arch_lib.Stem(8, 3, 1), ()), "input_shape"),
-    (arch_lib.Architecture((8, 8, 1), 5, arch_lib.Stem(8, 3, 1), ()), "num_classes"),
+    (arch_lib.Architecture((16, 16, 1), 10, arch_lib.Stem(8, 3, 1), ARCH.layers), "input_shape"),
+    (arch_lib.Architecture((8, 8, 1), 5, arch_lib.Stem(8, 3, 1), ARCH.layers), "num_classes"),
 ])
 def test_arch_incompatible_with_the_dataset_is_rejected(tmp_path, arch, field):
   with pytest.raises(train.RetrainError, match=f"incompatible.json: field '{field}'.*dataset 'digits'"):
@@ -172,7 +172,8 @@ def test_checkpoint_of_another_architecture_is_refused(straight, tmp_path):
   workdir = tmp_path / "other"
   workdir.mkdir()
   shutil.copytree(os.path.join(straight_dir, "checkpoints"), workdir / "checkpoints")
-  other = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(12, 3, 1), (), name="other")
+  other = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(12, 3, 1),
+                                (arch_lib.Layer(arch_lib.MBCONV, 12, 12, 1, 3, 1, 12),), name="other")
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match="different structure"):
     train.run_retrain(tiny_config(), other, str(workdir))
 
@@ -217,3 +218,48 @@ def test_missing_retrain_fields_are_named(tmp_path):
   del c.retrain["qat_lr"]
   with pytest.raises(train.RetrainError, match="config.retrain is missing qat_lr"):
     train.run_retrain(c, ARCH, str(tmp_path / "w"))
+
+
+# ---- the config and platform checks, called directly (no launcher, no training)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lr=float("nan")), r"config\.retrain\.lr must be a finite number, got nan"),
+    (dict(lr=0.0), r"config\.retrain\.lr must be a number > 0, got 0\.0"),
+    (dict(epochs=-1), r"config\.retrain\.epochs must be an integer >= 1, got -1"),
+    (dict(batch_size=0), r"config\.retrain\.batch_size must be an integer >= 1, got 0"),
+    (dict(weight_decay=float("inf")), r"config\.retrain\.weight_decay must be a finite number"),
+    (dict(qat_lr=float("nan")), r"config\.retrain\.qat_lr must be a finite number"),
+    (dict(qat_lr=0.0), r"config\.retrain\.qat_lr must be a number > 0 \(QAT is on"),
+    (dict(warmup_epochs=2), r"config\.retrain\.warmup_epochs must be a number in \[0, 2\)"),
+    (dict(ema_decay=1.0), r"config\.retrain\.ema_decay must be a number in \[0, 1\)"),
+    (dict(label_smoothing=float("nan")), r"config\.retrain\.label_smoothing must be a finite number"),
+    (dict(max_shift=-1), r"config\.retrain\.max_shift must be an integer >= 0"),
+    (dict(momentum=float("nan")), r"config\.retrain\.momentum must be a finite number"),
+    (dict(platforms="stm32l4r5_tflm"), r"config\.retrain\.platforms must be a list of platform names"),
+])
+def test_check_config_refuses_a_bad_retrain_field_naming_it(overrides, message):
+  import ml_collections
+  rc = ml_collections.ConfigDict({**tiny_config().retrain.to_dict(), **overrides})  # any type, as a config file
+  with pytest.raises(train.RetrainError, match=message):
+    train.check_config(rc)
+
+
+def test_check_config_passes_the_shipped_retrain_configs():
+  from experiments import cifar10, tiny
+  for module in (digits, tiny, cifar10):
+    train.check_later_stages(module.get_config())
+
+
+def test_unknown_platform_is_refused_before_any_training(tmp_path):
+  with pytest.raises(train.RetrainError, match=r"--platforms: unknown platform 'nosuchchip'; shipped platforms: "
+                                               r".*stm32l4r5_tflm"):
+    train.platforms_of(tiny_config(), ["stm32l4r5_tflm", "nosuchchip"])
+  c = tiny_config(platforms=("nosuchchip",))
+  with pytest.raises(train.RetrainError, match=r"config\.retrain\.platforms: unknown platform 'nosuchchip'"):
+    train.check_later_stages(c)
+  with pytest.raises(train.RetrainError, match="unknown platform 'nosuchchip'"):
+    train.run_retrain(tiny_config(), ARCH, str(tmp_path / "w"), platforms=["nosuchchip"])
+  assert not (tmp_path / "w").exists()
+  assert train.platforms_of(tiny_config(), ["andes_d45_tflm"]) == ["andes_d45_tflm"]
+  assert train.platforms_of(tiny_config()) == [tiny_config().cost.platform]
