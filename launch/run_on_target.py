@@ -45,6 +45,8 @@ def run(model_path: str, targets: str, out_dir: str, images: int, inputs_path, s
     raise errors.DeviceError(f"--model={model_path}: no such file")
   with open(model_path, "rb") as f:
     flatbuffer = f.read()
+  if flatbuffer[4:8] != b"TFL3":  # before any build: name the file, not "<flatbuffer>"
+    raise errors.DeviceError(f"--model={model_path}: not a TFLite flatbuffer (file identifier 'TFL3' missing)")
   if inputs_path:
     try:
       inputs = np.load(inputs_path)

@@ -233,3 +233,95 @@ def test_ctrl_c_stops_at_a_step_and_the_rerun_resumes_to_the_same_result(tmp_pat
     assert f.read() == g.read()
   got, want = (rundir.read_json(os.path.join(d, "search.json")) for d in (workdir, reference_dir))
   assert got["alpha"] == want["alpha"]
+
+
+# Bad input through the real launchers, one row each: (launcher, arguments, what the one error line must name).
+# {wd} is a fresh workdir that must not be created, {bad} a directory of malformed files written by `bad_files`.
+SEARCH = ("search", f"--config={TINY}", "--workdir={wd}")
+BAD_INPUTS = [
+    (*SEARCH, "--config.search.batch_size=0", "config.search.batch_size"),
+    (*SEARCH, "--config.search.batch_size=-3", "config.search.batch_size"),
+    (*SEARCH, "--config.search.epochs=-1", "config.search.epochs"),
+    (*SEARCH, "--config.search.epochs=0", "config.search.epochs"),
+    (*SEARCH, "--config.search.warmup_epochs=5", "config.search.warmup_epochs"),
+    (*SEARCH, "--config.search.relaxation=foo", "config.search.relaxation"),
+    (*SEARCH, "--config.search.max_steps=-2", "config.search.max_steps"),
+    (*SEARCH, "--config.search.second_order=yes", "second_order"),
+    (*SEARCH, "--config.cost.lam=nan", "config.cost.lam"),
+    (*SEARCH, "--config.cost.lam=-1", "config.cost.lam"),
+    (*SEARCH, "--config.cost.lam=inf", "config.cost.lam"),
+    (*SEARCH, "--config.cost.penalty=cubic", "config.cost.penalty"),
+    (*SEARCH, "--config.cost.model=joules", "config.cost.model"),
+    (*SEARCH, "--config.cost.platform=nosuchchip", "nosuchchip"),
+    (*SEARCH, "--config.cost.target=-5", "config.cost.target"),
+    (*SEARCH, "--config.cost.beta=nan", "config.cost.beta"),
+    (*SEARCH, "--config.weights.lr=nan", "config.weights.lr"),
+    (*SEARCH, "--config.weights.lr=-0.1", "config.weights.lr"),
+    (*SEARCH, "--config.arch.lr=inf", "config.arch.lr"),
+    (*SEARCH, "--config.weights.weight_decay=-1", "config.weights.weight_decay"),
+    (*SEARCH, "--config.seed=-1", "config.seed"),
+    (*SEARCH, "--config.val_fraction=1.5", "config.val_fraction"),
+    (*SEARCH, "--config.val_fraction=0", "config.val_fraction"),
+    (*SEARCH, "--config.log_every=0", "config.log_every"),
+    (*SEARCH, "--config.checkpoint_every=0", "config.checkpoint_every"),
+    (*SEARCH, "--config.keep_checkpoints=0", "config.keep_checkpoints"),
+    (*SEARCH, "--config.image_size=-8", "config.image_size"),
+    (*SEARCH, "--config.space.kernels=(4,)", "space.kernels"),
+    (*SEARCH, "--config.space.expansions=(0,)", "space.expansions"),
+    (*SEARCH, "--config.space.stem.channels=0", "space.stem.channels"),
+    (*SEARCH, "--config.search.nosuch=1", "config.search.nosuch"),
+    (*SEARCH, "--config.search.batch_size=many", "batch_size"),
+    ("search", "--config=experiments/nosuch.py", "--workdir={wd}", "experiments/nosuch.py"),
+    ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,1", "--config.cost.lam=nan", "config.cost.lam"),
+    ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,1", "--config.search.relaxation=foo",
+     "config.search.relaxation"),
+    ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,x", "--lambdas"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/kernal.json", "kernal"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/hidden.json", "hidden"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/garbage.json", "garbage.json"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/nosuch.json", "nosuch.json"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/good.json", "--platforms=nosuchchip",
+     "nosuchchip"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/good.json", "--config.retrain.lr=nan",
+     "retrain.lr"),
+    ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/good.json", "--config.retrain.epochs=0",
+     "retrain.epochs"),
+    ("estimate", "--model={bad}/garbage.tflite", "garbage.tflite"),
+    ("estimate", "--model={bad}/kernal.json", "kernal"),
+    ("estimate", "--model={bad}/good.json", "--platform=nosuchchip", "nosuchchip"),
+    ("estimate", "--model={bad}", "is a directory"),
+    ("profile", "--backend=calibrate", "--platform=nosuchchip", "nosuchchip"),
+    ("run_on_target", "--model={bad}/garbage.tflite", "garbage.tflite"),
+    ("run_on_target", "--model=testdata/kws_dscnn_int8.tflite", "--targets=z80", "z80"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+  from edgenas import architecture as arch_lib
+  d = tmp_path_factory.mktemp("bad")
+  good = arch_lib.Architecture((8, 8, 1), 10, arch_lib.Stem(8, 3, 1),
+                               (arch_lib.Layer(arch_lib.MBCONV, 8, 8, 1, 3, 3, 16),), name="good").to_dict()
+  (d / "good.json").write_text(json.dumps(good))
+  kernal = json.loads(json.dumps(good))
+  kernal["layers"][0]["kernal"] = kernal["layers"][0].pop("kernel")
+  (d / "kernal.json").write_text(json.dumps(kernal))
+  hidden = json.loads(json.dumps(good))
+  hidden["layers"][0]["hidden"] = 10 ** 7
+  (d / "hidden.json").write_text(json.dumps(hidden))
+  (d / "garbage.json").write_text("{not json")
+  (d / "garbage.tflite").write_bytes(b"\x00" * 64)
+  return str(d)
+
+
+@pytest.mark.parametrize("row", BAD_INPUTS, ids=[f"{r[0]}-{r[-2].split('=')[0].lstrip('-')}-{i}"
+                                                 for i, r in enumerate(BAD_INPUTS)])
+def test_bad_input_through_the_real_launcher_is_one_line_and_changes_nothing(row, bad_files, tmp_path):
+  name, *args, needle = row
+  workdir = str(tmp_path / "run")
+  args = [a.format(wd=workdir, bad=bad_files) for a in args]
+  before = snapshot(bad_files)
+  r = launch(name, *args)
+  assert_one_error_line(r, needle.format(bad=bad_files))
+  assert not os.path.exists(workdir)  # refused before anything was written
+  assert snapshot(bad_files) == before
