@@ -201,7 +201,9 @@ def test_second_launcher_on_a_workdir_exits_at_once_and_the_first_finishes(tmp_p
   second = launch("search", f"--config={TINY}", f"--workdir={workdir}", timeout=60)
   elapsed = time.time() - t0
   line = assert_one_error_line(second, workdir, "in use by pid", f"pid {first.pid} ", "since ")
-  assert elapsed < 2.0, f"the second launcher took {elapsed:.1f} s: {line}"
+  # The target is 2 s (about 1 s here: the lock is taken before JAX is imported); the bound leaves room for a
+  # loaded CI machine, so this is a check that it does not wait for the first run, not a timing benchmark.
+  assert elapsed < 5.0, f"the second launcher took {elapsed:.1f} s: {line}"
   out, err = first.communicate(timeout=600)
   assert first.returncode == 0, err
   assert "arch" in out and os.path.exists(os.path.join(workdir, "arch.json"))
