@@ -184,9 +184,9 @@ def tau_at(step: int, total: int, s) -> float:
 # Build, run, derive
 
 
-def build(config, dataset: data_lib.Dataset):
-  """Search space, objective and the numbers of steps, from a config and its data."""
-  check_config(config)
+def check_data(config, dataset: data_lib.Dataset) -> space_lib.SearchSpace:
+  """The checks that need the data (input shape, batch size against the splits and the devices); the search
+  space they leave. Cheap: a sweep runs them before it writes anything."""
   space_cfg = dict(config.space)
   space_cfg.setdefault("input_shape", dataset.input_shape)
   space_cfg.setdefault("num_classes", dataset.num_classes)
@@ -196,10 +196,18 @@ def build(config, dataset: data_lib.Dataset):
   space = space_lib.SearchSpace.from_config(space_cfg)
   s = config.search
   parallel.check_batch_size(s.batch_size)
-  steps_per_epoch = len(dataset.train) // s.batch_size
-  if steps_per_epoch < 1 or len(dataset.val) < s.batch_size:
+  if len(dataset.train) // s.batch_size < 1 or len(dataset.val) < s.batch_size:
     raise SearchConfigError(f"config.search.batch_size {s.batch_size} is larger than the train ({len(dataset.train)})"
                             f" or validation ({len(dataset.val)}) split")
+  return space
+
+
+def build(config, dataset: data_lib.Dataset):
+  """Search space, objective and the numbers of steps, from a config and its data."""
+  check_config(config)
+  space = check_data(config, dataset)
+  s = config.search
+  steps_per_epoch = len(dataset.train) // s.batch_size
   total = s.epochs * steps_per_epoch
   if s.get("max_steps", 0):
     total = min(total, s.max_steps)

@@ -222,6 +222,8 @@ def run_sweep(config, workdir: str, lambdas: Sequence[float], platforms: Sequenc
     train_lib.check_later_stages(config)
   if export:
     stages["export"] = _require_stage("export", "edgenas.export", "export_workdir")
+  # The checks that need the data, before the sweep's config.json exists (members share the data and batch size).
+  search_lib.check_data(config, data_lib.load_data(config))
   with rundir.workdir_lock(workdir):
     return _run_checked(config, workdir, members, vectorize, chunk, retrain, export, stages)
 

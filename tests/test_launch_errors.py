@@ -278,6 +278,8 @@ BAD_INPUTS = [
     ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,1", "--config.search.relaxation=foo",
      "config.search.relaxation"),
     ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,x", "--lambdas"),
+    ("sweep", f"--config={TINY}", "--workdir={wd}", "--lambdas=0,1", "--config.search.batch_size=100000",
+     "config.search.batch_size"),
     ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/kernal.json", "kernal"),
     ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/hidden.json", "hidden"),
     ("retrain", f"--config={TINY}", "--workdir={wd}", "--arch={bad}/garbage.json", "garbage.json"),
