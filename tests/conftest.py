@@ -27,3 +27,26 @@ def require_device(target_name: str) -> None:
     if os.environ.get("CI"):
       raise
     pytest.skip(str(e))
+
+
+# The tiny search shrunk to one searchable layer of 3 candidates and 6 steps (checkpoints at steps 0, 3 and 5), so
+# each compile is short. One text for every test that needs it: the config files subprocesses load and the config
+# in-process runs build are the same, so they share compiled programs through the compilation cache.
+SMALL_SEARCH_CONFIG = """from experiments import tiny
+
+
+def get_config():
+  c = tiny.get_config()
+  c.space.stages = [dict(layers=1, channels=8, stride=1)]
+  c.space.kernels = (3,)
+  c.search.max_steps = 6
+  c.checkpoint_every = 3
+  c.log_every = 3
+  return c
+"""
+
+
+def small_search_config():
+  namespace = {}
+  exec(SMALL_SEARCH_CONFIG, namespace)
+  return namespace["get_config"]()

@@ -42,6 +42,17 @@ def test_arch_json_round_trip(tmp_path):
   assert json.load(open(path))["version"] == arch_lib.ARCH_VERSION
 
 
+def load_mutated(tmp_path, mutate, message):
+  """(path, error) of loading the tiny architecture's JSON after `mutate`; the load must fail matching `message`."""
+  d = tiny_arch().to_dict()
+  mutate(d)
+  path = tmp_path / "arch.json"
+  path.write_text(json.dumps(d))
+  with pytest.raises(arch_lib.ArchitectureError, match=message) as e:
+    arch_lib.Architecture.load(str(path))
+  return path, e.value
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(version=99), "unsupported 'version' 99"),
     (lambda d: d["layers"][0].pop("hidden"), "missing field 'layers\\[0\\].hidden'"),
@@ -51,13 +62,8 @@ def test_arch_json_round_trip(tmp_path):
     (lambda d: d["layers"][0].update(op="conv9"), "must be 'mbconv' or 'skip'"),
 ])
 def test_malformed_arch_json_names_the_file_and_field(tmp_path, mutate, message):
-  d = tiny_arch().to_dict()
-  mutate(d)
-  path = tmp_path / "arch.json"
-  path.write_text(json.dumps(d))
-  with pytest.raises(arch_lib.ArchitectureError, match=message) as e:
-    arch_lib.Architecture.load(str(path))
-  assert str(path) in str(e.value)
+  path, error = load_mutated(tmp_path, mutate, message)
+  assert str(path) in str(error)
 
 
 def test_not_json_is_refused(tmp_path):
@@ -146,13 +152,8 @@ BAD_ARCH_JSON = [
 
 @pytest.mark.parametrize("mutate, message", [row[1:] for row in BAD_ARCH_JSON], ids=[row[0] for row in BAD_ARCH_JSON])
 def test_bad_arch_json_is_refused_naming_the_field(tmp_path, mutate, message):
-  d = tiny_arch().to_dict()
-  mutate(d)
-  path = tmp_path / "arch.json"
-  path.write_text(json.dumps(d))
-  with pytest.raises(arch_lib.ArchitectureError, match=message) as e:
-    arch_lib.Architecture.load(str(path))
-  assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)  # one line, naming the file first
+  path, error = load_mutated(tmp_path, mutate, message)
+  assert str(error).startswith(f"{path}: ") and "\n" not in str(error)  # one line, naming the file first
 
 
 def test_optional_fields_may_be_left_out():

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import struct
 
+from conftest import SMALL_SEARCH_CONFIG
 from edgenas import checkpoint as ckpt_lib
 
 
@@ -159,26 +160,13 @@ def test_restore_keeps_target_shardings_on_a_device_mesh(tmp_path):
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: edgenas importable
 
 
-# The tiny search shrunk to one searchable layer and 6 steps (checkpoints at steps 0, 3 and 5), as in test_sweep.
-_SMALL_SEARCH = """from experiments import tiny
-
-
-def get_config():
-  c = tiny.get_config()
-  c.space.stages = [dict(layers=1, channels=8, stride=1)]
-  c.space.kernels = (3,)
-  c.search.max_steps = 6
-  c.checkpoint_every = 3
-  c.log_every = 3
-  return c
-"""
 
 
 def test_launcher_falls_back_from_a_truncated_checkpoint_with_one_warning_line(tmp_path):
   """The fallback is the only thing on stderr: orbax's failed restore leaves no 'Event loop is closed' tracebacks."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config, workdir = tmp_path / "config.py", tmp_path / "search"
-  config.write_text(_SMALL_SEARCH)
+  config.write_text(SMALL_SEARCH_CONFIG)
   command = [sys.executable, "-m", "launch.search", f"--config={config}", f"--workdir={workdir}"]
   subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True, timeout=300)
   # As if killed while writing the last checkpoint, before the results: the search resumes from step 3.

@@ -6,28 +6,9 @@ import os
 
 import pytest
 
+from conftest import small_search_config
 from edgenas import pipeline
 from edgenas import sweep
-
-# tests/test_sweep.py's config, to the letter, so both share compiled programs through the compilation cache.
-CONFIG_BODY = """from experiments import tiny
-
-
-def get_config():
-  c = tiny.get_config()
-  c.space.stages = [dict(layers=1, channels=8, stride=1)]
-  c.space.kernels = (3,)
-  c.search.max_steps = 6
-  c.checkpoint_every = 3
-  c.log_every = 3
-  return c
-"""
-
-
-def small_config():
-  namespace = {}
-  exec(CONFIG_BODY, namespace)
-  return namespace["get_config"]()
 
 
 def snapshot(directory):
@@ -53,20 +34,20 @@ def read(path):
 
 def test_sweep_reruns_write_new_sets_and_never_touch_finished_ones(tmp_path, capsys):
   workdir = str(tmp_path / "sweep")
-  first = sweep.run_sweep(small_config(), workdir, [0.0])
+  first = sweep.run_sweep(small_search_config(), workdir, [0.0])
   root = {kind: os.path.join(workdir, name) for kind, name in sweep.result_files(None).items()}
   assert first["result_set"]["files"] == sweep.result_files(None) and all(map(os.path.exists, root.values()))
   finished = snapshot(workdir)
 
   # The same members again: nothing searched, nothing written.
   capsys.readouterr()
-  again = sweep.run_sweep(small_config(), workdir, [0.0])
+  again = sweep.run_sweep(small_search_config(), workdir, [0.0])
   assert "nothing to compute or write" in capsys.readouterr().out
   assert snapshot(workdir) == finished
   assert again == read(root["sweep"])
 
   # A superset: only the new member is searched; the first set stays byte for byte, a new set holds both.
-  union = sweep.run_sweep(small_config(), workdir, [0.0, 3.0])
+  union = sweep.run_sweep(small_search_config(), workdir, [0.0, 3.0])
   out = capsys.readouterr().out
   assert "lam0-stm32l4r5_tflm: search already finished; skipping it" in out
   assert "lam3-stm32l4r5_tflm: searching" in out
@@ -85,7 +66,7 @@ def test_sweep_reruns_write_new_sets_and_never_touch_finished_ones(tmp_path, cap
 
   # A subset of the union, and the union again: the finished set is reported, nothing is written.
   for lambdas in ([3.0], [3.0, 0.0]):
-    reported = sweep.run_sweep(small_config(), workdir, lambdas)
+    reported = sweep.run_sweep(small_search_config(), workdir, lambdas)
     assert f"finished result set sweep-{key}.json (2 members" in capsys.readouterr().out
     assert reported == union
     assert snapshot(workdir) == after
@@ -186,7 +167,7 @@ def test_pipeline_summary_rewritten_when_a_stage_adds_results_keeps_earlier_wall
 def test_pipeline_rerun_leaves_its_summary_and_wall_times_alone(tmp_path, capsys):
   """A real (tiny, search + retrain) pipeline: a finished rerun rewrites nothing; with the summary deleted, the
   rewrite takes each stage's time from what the stage recorded, not from the resume's few seconds."""
-  config = small_config()
+  config = small_search_config()
   config.retrain.update(epochs=2, warmup_epochs=0, qat_epochs=1)
   workdir = str(tmp_path / "pipeline")
   first = pipeline.run_pipeline(config, workdir, baselines=False, export=False)

@@ -9,31 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import SMALL_SEARCH_CONFIG, small_search_config
 from edgenas import pareto as pareto_lib
 from edgenas import population
 from edgenas import sweep
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAMBDAS = (0.0, 3.0)
-# The tiny space shrunk further: one searchable layer of 3 candidates, 6 steps, so each compile is short.
-CONFIG_BODY = """from experiments import tiny
-
-
-def get_config():
-  c = tiny.get_config()
-  c.space.stages = [dict(layers=1, channels=8, stride=1)]
-  c.space.kernels = (3,)
-  c.search.max_steps = 6
-  c.checkpoint_every = 3
-  c.log_every = 3
-  return c
-"""
-
-
-def small_config():
-  namespace = {}
-  exec(CONFIG_BODY, namespace)  # the same config the subprocesses load from a file
-  return namespace["get_config"]()
 
 
 def read(path):
@@ -44,13 +26,13 @@ def read(path):
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("sequential"))
-  return workdir, sweep.run_sweep(small_config(), workdir, LAMBDAS)
+  return workdir, sweep.run_sweep(small_search_config(), workdir, LAMBDAS)
 
 
 @pytest.fixture(scope="module")
 def vectorised(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("vectorised"))
-  return workdir, sweep.run_sweep(small_config(), workdir, LAMBDAS, vectorize=True)
+  return workdir, sweep.run_sweep(small_search_config(), workdir, LAMBDAS, vectorize=True)
 
 
 # ---- bad input, refused before any work
@@ -67,7 +49,7 @@ def vectorised(tmp_path_factory):
 def test_bad_input_is_refused_before_any_work(tmp_path, lambdas, platforms, targets, message):
   workdir = tmp_path / "sweep"
   with pytest.raises(sweep.SweepError, match=None) as info:
-    sweep.run_sweep(small_config(), str(workdir), lambdas, platforms, targets)
+    sweep.run_sweep(small_search_config(), str(workdir), lambdas, platforms, targets)
   assert message in str(info.value)
   assert not workdir.exists()
 
@@ -79,7 +61,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, lambdas, platforms, targ
 def test_bad_retrain_settings_are_refused_before_the_search(tmp_path, field, value, message):
   """A sweep with --retrain, or a pipeline, finds a bad retrain field or baseline name before searching."""
   from edgenas import pipeline
-  c = small_config()
+  c = small_search_config()
   if field == "baselines":
     c.baselines = value
   else:
@@ -104,7 +86,7 @@ def test_parse_values_names_the_flag():
 
 
 def test_target_sweep_plans_every_combination():
-  c = small_config()
+  c = small_search_config()
   c.cost.penalty = "target"
   members = sweep.plan_members(c, [0.1, 1.0], (), [40.0, 80.0])
   assert sorted(m.id for m in members) == sorted(f"lam{l:g}-t{t:g}-stm32l4r5_tflm" for l in (0.1, 1) for t in (40, 80))
@@ -121,7 +103,7 @@ def test_launcher_refuses_a_negative_lambda(tmp_path):
 
 
 def test_population_refuses_members_differing_beyond_the_penalty():
-  a, b = small_config(), small_config()
+  a, b = small_search_config(), small_search_config()
   b.search.max_steps = 7
   with pytest.raises(population.PopulationError, match="search.max_steps"):
     population.check_population([a, b])
@@ -164,7 +146,7 @@ def test_pareto_front_keeps_only_non_dominated_members():
 def test_resume_skips_finished_members_and_resumes_unfinished_ones(sequential, capsys):
   workdir, first = sequential
   capsys.readouterr()
-  members = sweep.plan_members(small_config(), LAMBDAS)
+  members = sweep.plan_members(small_search_config(), LAMBDAS)
   finished = os.path.join(sweep.member_dir(workdir, members[0]), "search.json")
   before = os.path.getmtime(finished)
   # Killed after the second member's last checkpoint, before its results and the sweep's (a finished result set
@@ -174,7 +156,7 @@ def test_resume_skips_finished_members_and_resumes_unfinished_ones(sequential, c
     os.remove(os.path.join(second, name))
   for name in sweep.result_files(None).values():
     os.remove(os.path.join(workdir, name))
-  again = sweep.run_sweep(small_config(), workdir, LAMBDAS)
+  again = sweep.run_sweep(small_search_config(), workdir, LAMBDAS)
   out = capsys.readouterr().out
   assert f"{members[0].id}: search already finished; skipping it" in out
   assert "resuming from checkpoint step 5" in out
@@ -213,7 +195,7 @@ def _free_port():
 def test_two_processes_on_loopback_match_the_single_process_population(tmp_path, vectorised):
   vec_dir, vec = vectorised
   config = tmp_path / "config.py"
-  config.write_text(CONFIG_BODY)
+  config.write_text(SMALL_SEARCH_CONFIG)
   workdir = tmp_path / "multihost"
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

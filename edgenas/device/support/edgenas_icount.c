@@ -344,7 +344,8 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
   size_t n = qemu_plugin_tb_n_insns(tb);
   qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &insns, n);
   /* Per instruction: its class and event counts; per TB they are added on entry like the instruction count. */
-  uint8_t cls[512];
+  uint8_t cls[512], regs_of[512];  /* per instruction of the TB (at most 512, QEMU's limit) */
+  bool pc_load_of[512];
   uint64_t in_tb[N_COUNTERS] = {0};
   int marker_index = -1;
   bool after_load = false;
@@ -364,7 +365,11 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
     if (!isa_riscv && (c == C_LOAD || c == C_STORE) && after_load) c = C_MEM_PIPELINED;
     /* A single load pipelines the next single load or store; nothing pipelines after a store (M3/M4 TRM). */
     after_load = !isa_riscv && !pc_load && text != NULL && (c == C_LOAD || (c == C_MEM_PIPELINED && starts(text, "ldr")));
-    if (i < sizeof cls) cls[i] = (uint8_t)c;
+    if (i < sizeof cls) {
+      cls[i] = (uint8_t)c;
+      regs_of[i] = (uint8_t)regs;
+      pc_load_of[i] = pc_load;
+    }
     in_tb[c]++;
     in_tb[E_MULTI_REGS] += (uint64_t)regs;
     in_tb[E_PC_LOADS] += pc_load ? 1 : 0;
@@ -389,16 +394,10 @@ static void on_tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
     }
     tail->insns = n - (size_t)marker_index;
     if (count_classes) {
-      for (size_t i = (size_t)marker_index; i < n && i < sizeof cls; i++) tail->counters[cls[i]]++;
-      /* Events of the tail: recount them from the disassembly (rare: once per marker TB translation). */
-      for (size_t i = (size_t)marker_index; i < n; i++) {
-        char *text = qemu_plugin_insn_disas(qemu_plugin_tb_get_insn(tb, i));
-        int regs;
-        bool pc_load;
-        classify(text ? text : "", &regs, &pc_load);
-        tail->counters[E_MULTI_REGS] += (uint64_t)regs;
-        tail->counters[E_PC_LOADS] += pc_load ? 1 : 0;
-        free(text);
+      for (size_t i = (size_t)marker_index; i < n && i < sizeof cls; i++) {
+        tail->counters[cls[i]]++;
+        tail->counters[E_MULTI_REGS] += regs_of[i];
+        tail->counters[E_PC_LOADS] += pc_load_of[i] ? 1 : 0;
       }
     }
     qemu_plugin_register_vcpu_insn_exec_cb(qemu_plugin_tb_get_insn(tb, (size_t)marker_index), on_marker,
@@ -440,6 +439,18 @@ static bool parse_range(const char *text, range_t *range) {
   return true;
 }
 
+/* on/true/1 or off/false/0. */
+static bool parse_switch(const char *text, bool *value) {
+  if (strcmp(text, "on") == 0 || strcmp(text, "true") == 0 || strcmp(text, "1") == 0) {
+    *value = true;
+  } else if (strcmp(text, "off") == 0 || strcmp(text, "false") == 0 || strcmp(text, "0") == 0) {
+    *value = false;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 static int bad_arg(const char *arg, const char *why) {
   fprintf(stderr, "edgenas_icount: bad argument '%s': %s\n", arg, why);
   return -1;
@@ -468,19 +479,9 @@ EDGENAS_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_in
     } else if (klen == 3 && strncmp(arg, "ram", 3) == 0) {
       if (!parse_range(value, &ram_range)) return bad_arg(arg, "ram=LO-HI with LO < HI");
     } else if (klen == 3 && strncmp(arg, "mem", 3) == 0) {
-      if (strcmp(value, "on") == 0 || strcmp(value, "true") == 0 || strcmp(value, "1") == 0)
-        count_mem = true;
-      else if (strcmp(value, "off") == 0 || strcmp(value, "false") == 0 || strcmp(value, "0") == 0)
-        count_mem = false;
-      else
-        return bad_arg(arg, "mem=on or mem=off");
+      if (!parse_switch(value, &count_mem)) return bad_arg(arg, "mem=on or mem=off");
     } else if (klen == 7 && strncmp(arg, "classes", 7) == 0) {
-      if (strcmp(value, "on") == 0 || strcmp(value, "true") == 0 || strcmp(value, "1") == 0)
-        count_classes = true;
-      else if (strcmp(value, "off") == 0 || strcmp(value, "false") == 0 || strcmp(value, "0") == 0)
-        count_classes = false;
-      else
-        return bad_arg(arg, "classes=on or classes=off");
+      if (!parse_switch(value, &count_classes)) return bad_arg(arg, "classes=on or classes=off");
     } else if (klen == 4 && strncmp(arg, "dump", 4) == 0) {
       if (*value == '\0') return bad_arg(arg, "dump=PATH");
       dump_path = value;
