@@ -5,6 +5,9 @@ quantisation and export read: a stem conv, a sequence of layers (an inverted-res
 expansion and surviving depthwise width, or `skip`), an optional 1x1 head conv, global average pooling and a
 classifier. It is plain data, JSON in and out (`arch.json`, versioned), with shape inference, MACs, parameters, int8
 weight bytes and the peak live activation bytes.
+
+Kernels and strides are an int when square, or an [h, w] pair when not (`edgenas.ops.canonical`): DS-CNN's stem
+is a 10x4 kernel with stride 2 over a 49x10 MFCC map, and a layer may downsample time only with stride [2, 1].
 """
 from __future__ import annotations
 
@@ -32,11 +35,22 @@ class ArchitectureError(ValueError):
   """An architecture (or arch.json) that cannot work; the message names the field."""
 
 
+def _canonical_fields(obj, *names) -> None:
+  """Stores each kernel/stride field in its one spelling (int when square), so equality and hashes agree."""
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+      object.__setattr__(obj, name, ops_lib.canonical(value))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stem:
   channels: int
-  kernel: int
-  stride: int
+  kernel: int | tuple[int, int]
+  stride: int | tuple[int, int]
+
+  def __post_init__(self):
+    _canonical_fields(self, "kernel", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +59,13 @@ class Layer:
   op: str
   in_channels: int
   out_channels: int
-  stride: int
-  kernel: int = 0
+  stride: int | tuple[int, int]
+  kernel: int | tuple[int, int] = 0
   expansion: int = 0
   hidden: int = 0
+
+  def __post_init__(self):
+    _canonical_fields(self, "kernel", "stride")
 
   @property
   def residual(self) -> bool:
@@ -78,7 +95,7 @@ class Architecture:
         "name": self.name,
         "input_shape": list(self.input_shape),
         "num_classes": self.num_classes,
-        "stem": dataclasses.asdict(self.stem),
+        "stem": {k: _jsonable(v) for k, v in dataclasses.asdict(self.stem).items()},
         "layers": [_layer_dict(l) for l in self.layers],
         "head_channels": self.head_channels,
     }
@@ -113,6 +130,10 @@ class Architecture:
       v = m[key]
       if kind is int and not _is_int(v):
         fail(f"field '{where}{key}' must be an integer, got {v!r}")
+      if kind == "size":
+        if not (_is_int(v) or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v))):
+          fail(f"field '{where}{key}' must be an integer or an [h, w] pair of integers, got {v!r}")
+        return ops_lib.canonical(v)
       return v
 
     fields(d, TOP_FIELDS, "")
@@ -128,7 +149,7 @@ class Architecture:
     num_classes = need(d, "num_classes", "", int)
     stem_raw = need(d, "stem", "")
     fields(stem_raw, STEM_FIELDS, "stem")
-    stem = Stem(*(need(stem_raw, k, "stem.", int) for k in STEM_FIELDS))
+    stem = Stem(*(need(stem_raw, k, "stem.", int if k == "channels" else "size") for k in STEM_FIELDS))
     layers_raw = need(d, "layers", "")
     if not isinstance(layers_raw, list):
       fail(f"field 'layers' must be a list, got {layers_raw!r}")
@@ -141,7 +162,7 @@ class Architecture:
         fail(f"field '{where}.op' must be '{MBCONV}' or '{SKIP}', got {op!r}")
       if op == SKIP:  # a skip has no kernel, expansion or width: such a field is a mistake, not a default
         fields(l, LAYER_FIELDS[SKIP], f"{where} (a skip)")
-      layers.append(Layer(**{k: need(l, k, f"{where}.", None if k == "op" else int) for k in LAYER_FIELDS[op]}))
+      layers.append(Layer(**{k: need(l, k, f"{where}.", _FIELD_KINDS.get(k, int)) for k in LAYER_FIELDS[op]}))
     head = d.get("head_channels", 0)
     if not _is_int(head):
       fail(f"field 'head_channels' must be an integer, got {head!r}")
@@ -179,7 +200,7 @@ class Architecture:
       raise ArchitectureError(f"'num_classes' must be at least 2, got {self.num_classes}")
     if self.stem.channels < 1:
       raise ArchitectureError(f"'stem.channels' must be positive, got {self.stem.channels}")
-    _check_kernel("stem.kernel", self.stem.kernel)
+    _check_kernel("stem.kernel", self.stem.kernel, odd=False)  # DS-CNN's stem is 10x4
     _check_stride("stem.stride", self.stem.stride)
     if not self.layers:
       raise ArchitectureError("'layers' is empty: a network needs at least one layer (every search space and "
@@ -215,11 +236,12 @@ class Architecture:
   # ---- accounting
   def feature_shapes(self) -> list[tuple[int, int, int]]:
     """(H, W, C) after the stem and after every layer."""
-    h = ops_lib.out_size(self.input_shape[0], self.stem.stride)
-    w = ops_lib.out_size(self.input_shape[1], self.stem.stride)
+    sh, sw = ops_lib.pair(self.stem.stride)
+    h, w = ops_lib.out_size(self.input_shape[0], sh), ops_lib.out_size(self.input_shape[1], sw)
     shapes = [(h, w, self.stem.channels)]
     for l in self.layers:
-      h, w = ops_lib.out_size(h, l.stride), ops_lib.out_size(w, l.stride)
+      sh, sw = ops_lib.pair(l.stride)
+      h, w = ops_lib.out_size(h, sh), ops_lib.out_size(w, sw)
       shapes.append((h, w, l.out_channels))
     return shapes
 
@@ -238,7 +260,7 @@ class Architecture:
     if self.head_channels:
       out.append(ops_lib.OpSpec(ops_lib.CONV_2D, h, w, c, self.head_channels, 1, 1, "head"))
       c = self.head_channels
-    out.append(ops_lib.OpSpec(ops_lib.AVERAGE_POOL_2D, h, w, c, c, max(h, w), max(h, w), "pool"))
+    out.append(ops_lib.OpSpec(ops_lib.AVERAGE_POOL_2D, h, w, c, c, (h, w), (h, w), "pool"))  # global: one window
     out.append(ops_lib.OpSpec(ops_lib.FULLY_CONNECTED, 1, 1, c, self.num_classes, 1, 1, "classifier"))
     return out
 
@@ -302,22 +324,42 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_kernel(name: str, k: int) -> None:
-  if k < 1 or k % 2 == 0:
-    raise ArchitectureError(f"'{name}' must be a positive odd size, got {k}")
+_FIELD_KINDS = {"op": None, "kernel": "size", "stride": "size"}  # the rest are integers
 
 
-def _check_stride(name: str, s: int) -> None:
-  if s not in STRIDES:
-    raise ArchitectureError(f"'{name}' must be {' or '.join(map(str, STRIDES))}, got {s}")
+def _sides(value):
+  """(h, w) of a kernel or stride, or None when it is neither an int nor a pair of ints."""
+  if _is_int(value):
+    return value, value
+  if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+    return tuple(value)
+  return None
+
+
+def _check_kernel(name: str, k, odd: bool = True) -> None:
+  sides = _sides(k)
+  if sides is None or min(sides) < 1 or (odd and any(s % 2 == 0 for s in sides)):
+    what = "odd " if odd else ""
+    raise ArchitectureError(f"'{name}' must be a positive {what}size or an [h, w] pair of them, got {k!r}")
+
+
+def _check_stride(name: str, s) -> None:
+  sides = _sides(s)
+  if sides is None or any(side not in STRIDES for side in sides):
+    raise ArchitectureError(f"'{name}' must be {' or '.join(map(str, STRIDES))} (or an [h, w] pair of them), "
+                            f"got {s!r}")
+
+
+def _jsonable(value):
+  return list(value) if isinstance(value, tuple) else value
 
 
 def _layer_dict(l: Layer) -> dict[str, Any]:
-  d = dict(op=l.op, in_channels=l.in_channels, out_channels=l.out_channels, stride=l.stride)
+  d = dict(op=l.op, in_channels=l.in_channels, out_channels=l.out_channels, stride=_jsonable(l.stride))
   if l.op == MBCONV:
-    d.update(kernel=l.kernel, expansion=l.expansion, hidden=l.hidden)
+    d.update(kernel=_jsonable(l.kernel), expansion=l.expansion, hidden=l.hidden)
   return d
 
 
 def _layer_name(l: Layer) -> str:
-  return SKIP if l.op == SKIP else f"k{l.kernel}e{l.expansion}:{l.hidden}"
+  return SKIP if l.op == SKIP else f"k{ops_lib.spelled(l.kernel)}e{l.expansion}:{l.hidden}"

@@ -18,12 +18,14 @@
     * depth: for inputs smaller than 32x32 a reduced-depth variant, repeats (1,1,2,2,1,1,1) instead of
       (1,2,3,4,3,3,1): 9 blocks instead of 17, since a 8x8 map has no room for the features the deep stages
       were sized for, and the full depth would only add cost. 32x32 and larger use the paper's depth.
-- `dscnn`: a DS-CNN-like plain depthwise-separable CNN (Zhang et al., "Hello Edge", 2017, DS-CNN-S): a 3x3 conv
-  of 64 channels (stride 2 when the input is at least 8x8, as DS-CNN's first layer strides), then four
+- `dscnn`: a DS-CNN-like plain depthwise-separable CNN (Zhang et al., "Hello Edge", 2017, DS-CNN-S): a first conv
+  of 64 channels, then four
   depthwise-separable blocks of 64 channels, global average pooling and the classifier. In this operator
   vocabulary a depthwise-separable block is an expansion-1 MBConv: 3x3 depthwise + ReLU6, then a 1x1 linear
   projection, with a residual add where the shapes match (MobileNetV2's convention; DS-CNN itself has a ReLU
-  after the pointwise conv and no residual).
+  after the pointwise conv and no residual). The first conv is MLPerf Tiny's KWS reference stem on a
+  time x frequency map (an input taller than wide and at least 10x4, e.g. the 49x10 MFCCs): 10x4 with stride 2x2,
+  giving 25x5. On square images it is 3x3, with stride 2 when the input is at least 8x8.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ MOBILENETV2_STEM = 32
 MOBILENETV2_HEAD = 1280
 DSCNN_CHANNELS = 64
 DSCNN_BLOCKS = 4
+DSCNN_KWS_STEM = (10, 4)  # MLPerf Tiny's KWS DS-CNN: Conv2D(64, (10, 4), strides=(2, 2), padding="same")
 WIDTHS = {"mobilenetv2_1.0": 1.0, "mobilenetv2_0.35": 0.35}
 NAMES = tuple(WIDTHS) + ("dscnn",)
 
@@ -82,8 +85,11 @@ def mobilenetv2(input_shape, num_classes: int, width: float = 1.0, name: str = "
 def dscnn(input_shape, num_classes: int, name: str = "dscnn") -> arch_lib.Architecture:
   """DS-CNN-like depthwise-separable CNN (see the module docstring)."""
   input_shape = tuple(int(d) for d in input_shape)
-  stride = 2 if min(input_shape[:2]) >= 8 else 1
-  stem = arch_lib.Stem(DSCNN_CHANNELS, 3, stride)
+  h, w = input_shape[:2]
+  if h > w and h >= DSCNN_KWS_STEM[0] and w >= DSCNN_KWS_STEM[1]:  # a spectrogram-like map: the KWS reference
+    stem = arch_lib.Stem(DSCNN_CHANNELS, DSCNN_KWS_STEM, 2)
+  else:
+    stem = arch_lib.Stem(DSCNN_CHANNELS, 3, 2 if min(h, w) >= 8 else 1)
   layers = tuple(arch_lib.Layer(arch_lib.MBCONV, DSCNN_CHANNELS, DSCNN_CHANNELS, 1, 3, 1, DSCNN_CHANNELS)
                  for _ in range(DSCNN_BLOCKS))
   return arch_lib.Architecture(input_shape, num_classes, stem, layers, 0, name)

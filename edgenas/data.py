@@ -25,6 +25,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 DIGITS = "digits"
+KWS = "kws"  # the embedded keyword-spotting set, synthesised with espeak-ng (edgenas.kws)
+SPEECH_COMMANDS = "speech_commands"  # TFDS's Speech Commands, through the MFCC front-end (edgenas.audio)
 TFDS_PREFIX = "tfds:"
 DIGITS_TEST_FRACTION = 0.15
 DIGITS_TEST_SEED = 0  # fixed, so runs with different seeds are scored on the same test images
@@ -39,11 +41,54 @@ class DataError(ValueError):
 
 
 class Split(NamedTuple):
+  """A split held in memory. Every split, in memory or streamed from disk (`edgenas.streaming`), answers the same
+  three questions, and the loops, evaluation and export ask nothing else: `len(split)`, `split.labels` (int32 [N],
+  always in memory: labels are small) and `split.take(rows)` -> (images float32 [n, H, W, C], labels)."""
   images: np.ndarray  # float32 [N, H, W, C]
   labels: np.ndarray  # int32 [N]
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def take(self, rows) -> tuple[np.ndarray, np.ndarray]:
+    return self.images[rows], self.labels[rows]
+
+
+def head(split, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` examples (all of them when the split is smaller)."""
+  return split.take(np.arange(min(count, len(split))))
+
+
+def chunks(split, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The split in order, `size` examples at a time (the last chunk may be smaller)."""
+  for start in range(0, len(split), size):
+    yield split.take(np.arange(start, min(start + size, len(split))))
+
+
+class ConcatSplit:
+  """Two splits read as one (retraining on train + validation) without copying a streamed split into memory."""
+
+  def __init__(self, first, second):
+    self.first, self.second = first, second
+    self.labels = np.concatenate([first.labels, second.labels])
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, rows) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.asarray(rows)
+    in_first = rows < len(self.first)
+    a, b = self.first.take(rows[in_first]), self.second.take(rows[~in_first] - len(self.first))
+    images = np.empty((len(rows),) + a[0].shape[1:], a[0].dtype)
+    images[in_first], images[~in_first] = a[0], b[0]
+    return images, self.labels[rows]
+
+
+def concat(first, second):
+  """One split of both: in memory when both are, else a `ConcatSplit`."""
+  if isinstance(first, Split) and isinstance(second, Split):
+    return Split(np.concatenate([first.images, second.images]), np.concatenate([first.labels, second.labels]))
+  return ConcatSplit(first, second)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +117,17 @@ def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0
   size = _image_size(name, image_size)
   if name == DIGITS:
     dataset = _load_digits(val_fraction, seed)
+  elif name == KWS:
+    from edgenas import kws  # pylint: disable=g-import-not-at-top  # espeak-ng and the front-end, only for audio
+    dataset = kws.load_embedded(data_dir or None, val_fraction=val_fraction, seed=seed)
+  elif name == TFDS_PREFIX + SPEECH_COMMANDS:
+    from edgenas import audio  # pylint: disable=g-import-not-at-top
+    dataset = audio.load_speech_commands(data_dir, val_fraction=val_fraction, seed=seed)
   elif name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
     dataset = _load_tfds(name[len(TFDS_PREFIX):], data_dir, val_fraction, seed)
   else:
-    raise DataError(f"unknown dataset '{name}': use '{DIGITS}' or '{TFDS_PREFIX}<builder>' (e.g. 'tfds:mnist')")
+    raise DataError(f"unknown dataset '{name}': use '{DIGITS}', '{KWS}' or '{TFDS_PREFIX}<builder>' "
+                    f"(e.g. 'tfds:mnist', 'tfds:speech_commands')")
   return resize_dataset(dataset, size) if size else dataset
 
 
@@ -246,16 +298,27 @@ class BatchStream:
   exactly as an uninterrupted one. The incomplete tail of each epoch is skipped (drop_last).
 
   A search draws one train and one validation batch per step from two streams with different seeds, e.g.
-  `BatchStream(*ds.train, 64, seed)` and `BatchStream(*ds.val, 64, seed + 1)`; each wraps at its own epoch length.
+  `BatchStream.of(ds.train, 64, seed)` and `BatchStream.of(ds.val, 64, seed + 1)`; each wraps at its own epoch
+  length. Any split works (in memory or streamed): only the rows of the batch are read.
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, shard_index: int = 0,
                num_shards: int = 1):
     _check_batching(images, labels, batch_size, num_shards, drop_last=True)
-    self.images, self.labels = images, labels
+    self._init(Split(images, labels), batch_size, seed, shard_index, num_shards)
+
+  @classmethod
+  def of(cls, split, batch_size: int, seed: int, shard_index: int = 0, num_shards: int = 1) -> "BatchStream":
+    _check_batching(split.labels, split.labels, batch_size, num_shards, drop_last=True)
+    stream = cls.__new__(cls)
+    stream._init(split, batch_size, seed, shard_index, num_shards)
+    return stream
+
+  def _init(self, split, batch_size, seed, shard_index, num_shards):
+    self.split, self.labels = split, split.labels
     self.batch_size, self.seed = batch_size, seed
     self._rows = shard_slice(batch_size, shard_index, num_shards)
-    self.steps_per_epoch = len(labels) // batch_size
+    self.steps_per_epoch = len(split) // batch_size
     self._cached_epoch, self._cached_order = None, None
 
   def position(self, step: int) -> tuple[int, int]:
@@ -269,7 +332,7 @@ class BatchStream:
     if epoch != self._cached_epoch:
       self._cached_epoch, self._cached_order = epoch, epoch_permutation(len(self.labels), self.seed, epoch)
     rows = self._cached_order[offset * self.batch_size:(offset + 1) * self.batch_size][self._rows]
-    return self.images[rows], self.labels[rows]
+    return self.split.take(rows)
 
   def iterate(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     step = start_step

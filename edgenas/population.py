@@ -125,8 +125,8 @@ class PopulationSteps:
     n = (len(split) // batch_size) * batch_size
     correct = np.zeros(self.size, np.int64)
     for i in range(0, n, batch_size):
-      batch = parallel.replicate({"image": split.images[i:i + batch_size], "label": split.labels[i:i + batch_size]},
-                                 self.mesh)
+      images, labels = split.take(np.arange(i, i + batch_size))
+      batch = parallel.replicate({"image": images, "label": labels}, self.mesh)
       correct += np.asarray(jax.device_get(self.correct(state, batch)), np.int64)
     return correct / max(1, n)
 
@@ -169,8 +169,8 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   lam = _pop_array(pad([float(c.cost.lam) for c in configs]), steps.pop)
   target = _pop_array(pad([float(c.cost.target) for c in configs]), steps.pop)
   # Every process reads whole batches: members, not examples, are spread over the devices.
-  train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, base.seed, 0, 1)
-  val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, base.seed + 1, 0, 1)
+  train_stream = data_lib.BatchStream.of(dataset.train, s.batch_size, base.seed, 0, 1)
+  val_stream = data_lib.BatchStream.of(dataset.val, s.batch_size, base.seed + 1, 0, 1)
   say(f"population search: {k} members ({size} slots over {jax.device_count()} device(s), "
       f"{'all at once' if not chunk or chunk >= size else f'{chunk} at a time'}, "
       f"{jax.process_count()} process(es)), {len(space.slots())} layers, relaxation {s.relaxation}, "

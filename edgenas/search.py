@@ -229,7 +229,8 @@ def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) 
   rows = data_lib.shard_slice(batch_size, shard, num_shards)
   correct = 0
   for i in range(0, n, batch_size):
-    local = {"image": split.images[i:i + batch_size][rows], "label": split.labels[i:i + batch_size][rows]}
+    images, labels = split.take(np.arange(i, i + batch_size)[rows])
+    local = {"image": images, "label": labels}
     correct += int(eval_fn(state, parallel.global_batch(local, mesh)))
   return correct / max(1, n)
 
@@ -291,8 +292,8 @@ def _search(config, workdir: str) -> dict:
   total, warmup, per_epoch = plan["total"], plan["warmup"], plan["steps_per_epoch"]
   mesh = parallel.make_mesh()
   shard, num_shards = parallel.process_shard()
-  train_stream = data_lib.BatchStream(*dataset.train, s.batch_size, config.seed, shard, num_shards)
-  val_stream = data_lib.BatchStream(*dataset.val, s.batch_size, config.seed + 1, shard, num_shards)
+  train_stream = data_lib.BatchStream.of(dataset.train, s.batch_size, config.seed, shard, num_shards)
+  val_stream = data_lib.BatchStream.of(dataset.val, s.batch_size, config.seed + 1, shard, num_shards)
   say(f"search: {len(space.slots())} layers, up to {space.max_candidates()} candidates each, relaxation "
       f"{s.relaxation}, cost model {plan['cost_model']}, {total} steps ({warmup} warm-up), "
       f"{jax.device_count()} device(s)")

@@ -6,6 +6,9 @@ an inverted-residual block (MBConv) with kernel k and expansion e, or `skip` whe
 Inside an expanding block, channel gates decide how many of the expanded channels survive.
 
 `SearchSpace.architecture` turns one choice per layer into the discrete network, an `architecture.Architecture`.
+
+Kernels and strides are an int (square) or an (h, w) pair anywhere in the space: the stem (DS-CNN's 10x4 over a
+49x10 MFCC map), a stage's stride (e.g. (2, 1) to downsample time only) and the candidate kernels (e.g. (5, 3)).
 """
 from __future__ import annotations
 
@@ -24,12 +27,12 @@ class SpaceError(ValueError):
 class Candidate:
   """One choice of a searchable layer."""
   op: str  # arch_lib.MBCONV or arch_lib.SKIP
-  kernel: int = 0
+  kernel: int | tuple[int, int] = 0
   expansion: int = 0
 
   @property
   def name(self) -> str:
-    return arch_lib.SKIP if self.op == arch_lib.SKIP else f"k{self.kernel}e{self.expansion}"
+    return arch_lib.SKIP if self.op == arch_lib.SKIP else f"k{ops_lib.spelled(self.kernel)}e{self.expansion}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +43,7 @@ class LayerSlot:
   in_w: int
   in_channels: int
   out_channels: int
-  stride: int
+  stride: int | tuple[int, int]
   candidates: tuple[Candidate, ...]
 
   @property
@@ -56,10 +59,10 @@ class SearchSpace:
   input_shape: tuple[int, int, int]
   num_classes: int
   stem_channels: int
-  stem_kernel: int
-  stem_stride: int
-  stages: tuple[tuple[int, int, int], ...]  # (layers, channels, stride)
-  kernels: tuple[int, ...]
+  stem_kernel: int | tuple[int, int]
+  stem_stride: int | tuple[int, int]
+  stages: tuple[tuple[int, int, int | tuple[int, int]], ...]  # (layers, channels, stride)
+  kernels: tuple[int | tuple[int, int], ...]
   expansions: tuple[int, ...]
   allow_skip: bool
   gate_group: int  # expanded channels per channel gate (granularity)
@@ -79,15 +82,16 @@ class SearchSpace:
     stem = get("stem")
     stages = tuple(
         (int(_field(s, "layers", f"space.stages[{i}]")), int(_field(s, "channels", f"space.stages[{i}]")),
-         int(_field(s, "stride", f"space.stages[{i}]"))) for i, s in enumerate(get("stages")))
+         _size(f"space.stages[{i}].stride", _field(s, "stride", f"space.stages[{i}]")))
+        for i, s in enumerate(get("stages")))
     space = cls(
         input_shape=tuple(int(x) for x in get("input_shape")),
         num_classes=int(get("num_classes")),
         stem_channels=int(_field(stem, "channels", "space.stem")),
-        stem_kernel=int(_field(stem, "kernel", "space.stem")),
-        stem_stride=int(_field(stem, "stride", "space.stem")),
+        stem_kernel=_size("space.stem.kernel", _field(stem, "kernel", "space.stem")),
+        stem_stride=_size("space.stem.stride", _field(stem, "stride", "space.stem")),
         stages=stages,
-        kernels=tuple(int(k) for k in get("kernels")),
+        kernels=tuple(_size("space.kernels", k) for k in get("kernels")),
         expansions=tuple(int(e) for e in get("expansions")),
         allow_skip=bool(get("allow_skip", True)),
         gate_group=int(get("gate_group", 4)),
@@ -105,37 +109,35 @@ class SearchSpace:
     if self.num_classes < 2:
       raise SpaceError(f"search space: 'space.num_classes' must be at least 2, got {self.num_classes}")
     _positive("space.stem.channels", self.stem_channels)
-    _positive("space.stem.kernel", self.stem_kernel)
-    if self.stem_kernel % 2 == 0:
-      raise SpaceError(f"search space: 'space.stem.kernel' must be a positive odd size, got {self.stem_kernel}")
-    _positive("space.stem.stride", self.stem_stride)
+    for side in ops_lib.pair(self.stem_kernel):  # any positive size: DS-CNN's stem is 10x4
+      _positive("space.stem.kernel", side)
     _check_stride("space.stem.stride", self.stem_stride)
     if not self.stages:
       raise SpaceError("search space: 'space.stages' is empty; give at least one (layers, channels, stride)")
     for i, (n, c, s) in enumerate(self.stages):
       _positive(f"space.stages[{i}].layers", n)
       _positive(f"space.stages[{i}].channels", c)
-      _positive(f"space.stages[{i}].stride", s)
       _check_stride(f"space.stages[{i}].stride", s)
     if not self.kernels or not self.expansions:
       raise SpaceError("search space: no candidates: 'space.kernels' and 'space.expansions' must be non-empty")
     for k in self.kernels:
-      if k < 1 or k % 2 == 0:
-        raise SpaceError(f"search space: 'space.kernels' must be positive odd sizes, got {k}")
+      if any(side < 1 or side % 2 == 0 for side in ops_lib.pair(k)):
+        raise SpaceError(f"search space: 'space.kernels' must be positive odd sizes (or (h, w) pairs of them), "
+                         f"got {k}")
     for e in self.expansions:
       _positive("space.expansions", e)
     _positive("space.gate_group", self.gate_group)
     _positive("space.channel_divisor", self.channel_divisor)
     if self.head_channels < 0:
       raise SpaceError(f"search space: 'space.head_channels' must be >= 0, got {self.head_channels}")
-    h, w = self.input_shape[0], self.input_shape[1]
-    h, w = ops_lib.out_size(h, self.stem_stride), ops_lib.out_size(w, self.stem_stride)
+    h, w = _strided(self.input_shape[0], self.input_shape[1], self.stem_stride)
     for i, (_, _, s) in enumerate(self.stages):
-      # A stride larger than the map would leave nothing to convolve.
-      if s > 1 and (h < 2 or w < 2):
+      # A stride larger than the map would leave nothing to convolve (per axis: (2, 1) only needs height).
+      sh, sw = ops_lib.pair(s)
+      if (sh > 1 and h < 2) or (sw > 1 and w < 2):
         raise SpaceError(f"search space: spatial size falls below 1 at 'space.stages[{i}].stride'={s} "
                          f"(map is {h}x{w} there); lower the stride or enlarge 'space.input_shape'")
-      h, w = ops_lib.out_size(h, s), ops_lib.out_size(w, s)
+      h, w = _strided(h, w, s)
 
   @property
   def mbconv_candidates(self) -> tuple[Candidate, ...]:
@@ -143,8 +145,7 @@ class SearchSpace:
 
   def slots(self) -> list[LayerSlot]:
     """The searchable layers with their geometry; skip is offered only where shapes allow it."""
-    h = ops_lib.out_size(self.input_shape[0], self.stem_stride)
-    w = ops_lib.out_size(self.input_shape[1], self.stem_stride)
+    h, w = _strided(self.input_shape[0], self.input_shape[1], self.stem_stride)
     c = self.stem_channels
     out = []
     for n, ch, s in self.stages:
@@ -154,7 +155,7 @@ class SearchSpace:
         if self.allow_skip and stride == 1 and c == ch:
           cands = cands + (Candidate(arch_lib.SKIP),)
         out.append(LayerSlot(len(out), h, w, c, ch, stride, cands))
-        h, w, c = ops_lib.out_size(h, stride), ops_lib.out_size(w, stride), ch
+        (h, w), c = _strided(h, w, stride), ch
     return out
 
   def max_candidates(self) -> int:
@@ -190,10 +191,25 @@ def _field(m, name, where):
     raise SpaceError(f"search space: missing field '{where}.{name}'") from None
 
 
+def _size(name, value):
+  """A kernel or stride from a config: an int or an (h, w) pair of ints, in its one spelling."""
+  if isinstance(value, bool) or not (isinstance(value, int) or (
+      isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in value))):
+    raise SpaceError(f"search space: '{name}' must be an integer or an (h, w) pair of integers, got {value!r}")
+  return ops_lib.canonical(value)
+
+
+def _strided(h: int, w: int, stride) -> tuple[int, int]:
+  sh, sw = ops_lib.pair(stride)
+  return ops_lib.out_size(h, sh), ops_lib.out_size(w, sw)
+
+
 def _check_stride(name, value):
   # A derived network must load as an arch.json, which takes only the strides the operator tables measure.
-  if value not in arch_lib.STRIDES:
-    raise SpaceError(f"search space: '{name}' must be {' or '.join(map(str, arch_lib.STRIDES))}, got {value!r}")
+  if any(side not in arch_lib.STRIDES for side in ops_lib.pair(value)):
+    raise SpaceError(f"search space: '{name}' must be {' or '.join(map(str, arch_lib.STRIDES))} (or an (h, w) pair "
+                     f"of them), got {value!r}")
 
 
 def _positive(name, value):

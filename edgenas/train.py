@@ -223,8 +223,7 @@ def accuracy(correct_fn, split: data_lib.Split, *args) -> float:
   """Accuracy over a whole split in fixed-size chunks (the last one padded and masked: one compile)."""
   n, correct = len(split), 0
   chunk = min(EVAL_CHUNK, n)
-  for start in range(0, n, chunk):
-    images, labels = split.images[start:start + chunk], split.labels[start:start + chunk]
+  for images, labels in data_lib.chunks(split, chunk):
     valid = np.ones(chunk, bool)
     if len(labels) < chunk:
       pad = chunk - len(labels)
@@ -243,8 +242,7 @@ def training_split(dataset: data_lib.Dataset, use_val: bool) -> data_lib.Split:
   """Retraining uses the search's validation images too (they only steered α), unless told to hold them out."""
   if not use_val:
     return dataset.train
-  return data_lib.Split(np.concatenate([dataset.train.images, dataset.val.images]),
-                        np.concatenate([dataset.train.labels, dataset.val.labels]))
+  return data_lib.concat(dataset.train, dataset.val)
 
 
 def _recorded_config(config, arch: arch_lib.Architecture) -> dict:
@@ -304,7 +302,7 @@ def _retrain(config, arch: arch_lib.Architecture, workdir: str, platform_names: 
   qat_start = (rc.epochs - rc.qat_epochs) * steps_per_epoch
   mesh = parallel.make_mesh()
   shard, num_shards = parallel.process_shard()
-  stream = data_lib.BatchStream(*train_split, rc.batch_size, config.seed, shard, num_shards)
+  stream = data_lib.BatchStream.of(train_split, rc.batch_size, config.seed, shard, num_shards)
   flip = bool(rc.get("flip", True)) and dataset.flip_invariant
   trainer = Trainer(arch, rc, total, steps_per_epoch)
   say(f"retrain {arch.name or arch.hash()} ({arch.hash()}): {arch.macs()} MACs, {arch.params()} params; "
@@ -366,7 +364,7 @@ def _final_report(config, arch, trainer: Trainer, state: RetrainState, dataset, 
   if qat:
     ranges, ranges_source = jax.device_get(state.quant.ranges), "qat_ema_minmax"
   else:
-    ranges = quant_lib.calibrate_ranges(arch, variables, train_split.images[:CALIBRATION_IMAGES])
+    ranges = quant_lib.calibrate_ranges(arch, variables, data_lib.head(train_split, CALIBRATION_IMAGES)[0])
     ranges_source = "post_training_minmax"
   save_final(workdir, arch, variables, ranges)
   acc_float = accuracy(trainer.float_correct_jit, dataset.test, variables)

@@ -89,3 +89,18 @@ def test_make_divisible_never_rounds_down_more_than_ten_percent():
   for v in range(1, 400):
     r = baselines.make_divisible(v * 0.35)
     assert r % 8 == 0 and r >= 0.9 * v * 0.35
+
+
+def test_dscnn_on_the_kws_mfcc_map_is_mlperf_tinys_reference_geometry():
+  """MLPerf Tiny's KWS DS-CNN: a 10x4 stem with stride 2 takes the 49x10 MFCCs to 25x5x64, four depthwise-separable
+  blocks of 64 keep it there, and a 25x5 average pool feeds the classifier; about 2.7M multiply-adds."""
+  arch = baselines.baseline_architecture("dscnn", (49, 10, 1), 12)
+  assert arch.stem == arch_lib.Stem(64, (10, 4), 2)
+  assert baselines.final_map(arch) == (25, 5)
+  ops = arch.ops()
+  assert ops[0].kernel == (10, 4) and ops[0].features()[0] == 25 * 5 * 64 * 10 * 4
+  assert ops[-2].op == "average_pool_2d" and ops[-2].kernel == (25, 5)
+  assert 2.6e6 < arch.macs() < 2.8e6
+  assert arch_lib.Architecture.from_dict(arch.to_dict()) == arch  # [10, 4] survives arch.json
+  # Square images keep the 3x3 stem.
+  assert baselines.baseline_architecture("dscnn", (32, 32, 3), 10).stem == arch_lib.Stem(64, 3, 2)

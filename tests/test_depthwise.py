@@ -40,6 +40,22 @@ def test_shift_matches_lax_values_and_gradients(k, stride, hw):
   np.testing.assert_allclose(dk_shift, dk_lax, **TOL)
 
 
+# Non-square kernels and strides (DS-CNN's 10x4 stem geometry, time-only downsampling on a 49x10 MFCC map).
+@pytest.mark.parametrize("kernel_hw, stride, hw", [((3, 1), 1, (7, 6)), ((5, 3), (2, 1), (9, 10)),
+                                                   ((10, 4), (2, 2), (49, 10)), ((1, 3), (1, 2), (6, 7))])
+def test_shift_matches_lax_on_non_square_kernels_and_strides(kernel_hw, stride, hw):
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, *hw, 3))
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (*kernel_hw, 3))
+  y_shift, (dx_shift, dk_shift) = _vjp_both(x, kernel, stride, "shift")
+  y_lax, (dx_lax, dk_lax) = _vjp_both(x, kernel, stride, "lax")
+  sh, sw = (stride, stride) if isinstance(stride, int) else stride
+  assert y_shift.shape == (2, -(-hw[0] // sh), -(-hw[1] // sw), 3)
+  assert dk_shift.shape == kernel.shape
+  np.testing.assert_allclose(y_shift, y_lax, **TOL)
+  np.testing.assert_allclose(dx_shift, dx_lax, **TOL)
+  np.testing.assert_allclose(dk_shift, dk_lax, **TOL)
+
+
 def test_chunked_kernel_gradient_matches_lax(monkeypatch):
   # Large maps take the chunked (lax.scan) kernel-gradient path; a budget of two output images sends this tiny
   # batch of six there, in three chunks.
@@ -116,8 +132,9 @@ def test_auto_picks_shift_on_cpu_and_the_environment_overrides_it(monkeypatch):
 @pytest.mark.parametrize("x_shape, kernel_shape, stride, impl, message", [
     ((5, 5, 3), (3, 3, 3), 1, "shift", "x must be NHWC"),
     ((1, 5, 5, 3), (3, 3, 4), 1, "shift", "kernel has 4 channels but x has 3"),
-    ((1, 5, 5, 3), (3, 5, 3), 1, "shift", "square"),
-    ((1, 5, 5, 3), (3, 3, 2, 3), 1, "shift", r"\(k, k, C\) or \(k, k, 1, C\)"),
+    ((1, 5, 5, 3), (0, 5, 3), 1, "shift", "kh, kw >= 1"),
+    ((1, 5, 5, 3), (3, 3, 2, 3), 1, "shift", r"\(kh, kw, C\) or \(kh, kw, 1, C\)"),
+    ((1, 5, 5, 3), (3, 3, 3), (2, 0), "shift", r"an \(sh, sw\) pair"),
     ((1, 5, 5, 3), (3, 3, 3), 0, "shift", "stride must be a positive int"),
     ((1, 5, 5, 3), (3, 3, 3), 1, "winograd", "impl='winograd' is unknown"),
 ])

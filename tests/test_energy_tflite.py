@@ -39,7 +39,9 @@ def test_dscnn_non_square_kernel_and_pool_are_counted_exactly():
   g = tflite_graph.read_tflite(reference_model("kws_dscnn_int8.tflite"))
   stem = g.ops[0]
   assert (stem.kernel_h, stem.kernel_w, stem.stride_h, stem.spec.out_h, stem.spec.out_w) == (10, 4, 2, 25, 5)
-  assert stem.macs == 25 * 5 * 64 * 10 * 4  # not the square-kernel count of the OpSpec
+  assert stem.macs == 25 * 5 * 64 * 10 * 4
+  assert (stem.spec.kernel, stem.spec.stride) == ((10, 4), 2)  # the OpSpec carries the real non-square kernel
+  assert stem.spec.features()[0] == stem.macs  # and prices the same MACs as the file
   assert stem.weight_bytes == 64 * 10 * 4 + 4 * 64
   assert stem.executed_macs < stem.macs  # SAME padding: border taps are skipped
   pool = g.ops[9]

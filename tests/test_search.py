@@ -172,7 +172,7 @@ def _tiny(**changes):
     ({"cost.model": "flops"}, r"config\.cost\.model must be one of 'energy', 'latency', 'macs'"),
     ({"cost.platform": "nosuchchip"}, r"config\.cost\.platform: unknown platform 'nosuchchip'; shipped platforms: "
                                       r".*stm32l4r5_tflm"),
-    ({"space.stages": [dict(layers=1, channels=8, stride=3)]}, r"space\.stages\[0\]\.stride' must be 1 or 2, got 3"),
+    ({"space.stages": [dict(layers=1, channels=8, stride=3)]}, r"space\.stages\[0\]\.stride' must be 1 or 2 \(or an \(h, w\) pair of them\), got 3"),
 ])
 def test_check_config_refuses_a_bad_field_naming_it(changes, message):
   from edgenas import search
@@ -183,8 +183,8 @@ def test_check_config_refuses_a_bad_field_naming_it(changes, message):
 
 def test_check_config_passes_the_shipped_configs():
   from edgenas import search
-  from experiments import cifar10, digits, tiny
-  for module in (digits, tiny, cifar10):
+  from experiments import cifar10, digits, kws, tiny
+  for module in (digits, tiny, cifar10, kws):
     search.check_config(module.get_config())
 
 

@@ -32,7 +32,7 @@ REGIMES = tuple(ops_lib.OP_TYPES) + tuple(name for _, name in SPECIAL_KERNELS.va
 def regime(op: str, kernel: int) -> str:
   """The cost regime of an operator: its op type, or the special kernel it runs (see SPECIAL_KERNELS)."""
   special = SPECIAL_KERNELS.get(op)
-  return special[1] if special is not None and int(kernel) == special[0] else op
+  return special[1] if special is not None and ops_lib.pair(kernel) == (special[0], special[0]) else op
 
 
 def base_op(regime_name: str) -> str:
@@ -74,10 +74,12 @@ def tap_fraction(op: str, in_h: int, in_w: int, kernel_h: int, kernel_w: int, st
 
 
 def cost_features(op: str, in_h, in_w, in_c, out_c, kernel=1, stride=1) -> tuple:
-  """`FEATURES` of an `OpSpec` geometry (square kernel, SAME padding); differentiable in in_c/out_c."""
+  """`FEATURES` of an `OpSpec` geometry (kernel and stride an int or an (h, w) pair, SAME padding);
+  differentiable in in_c/out_c."""
   macs, weight_bytes, activation_bytes, const = ops_lib.op_features(op, in_h, in_w, in_c, out_c, kernel, stride)
-  frac = tap_fraction(op, in_h, in_w, kernel, kernel, stride, stride)
+  (kh, kw), (sh, sw) = ops_lib.pair(kernel), ops_lib.pair(stride)
+  frac = tap_fraction(op, in_h, in_w, kh, kw, sh, sw)
   taps = 0.0
   if op == ops_lib.CONV_2D:
-    taps = ops_lib.out_size(in_h, stride) * ops_lib.out_size(in_w, stride) * out_c * kernel * kernel * frac
+    taps = ops_lib.out_size(in_h, sh) * ops_lib.out_size(in_w, sw) * out_c * kh * kw * frac
   return (macs * frac if frac != 1.0 else macs, weight_bytes, activation_bytes, const, taps)

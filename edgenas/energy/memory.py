@@ -91,7 +91,8 @@ def soft_max(values, temperature: float = 0.05):
 def block_live_bytes(h: int, w: int, c, stride: int, out_c, hidden, expand: bool, residual: bool) -> list:
   """Live activation bytes while each operator of an MBConv block runs (same accounting as
   `Architecture.activation_bytes_per_op`), with `hidden` possibly an expected (fractional) channel count."""
-  oh, ow = ops_lib.out_size(h, stride), ops_lib.out_size(w, stride)
+  sh, sw = ops_lib.pair(stride)
+  oh, ow = ops_lib.out_size(h, sh), ops_lib.out_size(w, sw)
   block_in, kept = h * w * c, (h * w * c if residual else 0)
   hid_in, hid_out, out = h * w * hidden, oh * ow * hidden, oh * ow * out_c
   live = [block_in + hid_in, hid_in + hid_out + kept] if expand else [block_in + hid_out]

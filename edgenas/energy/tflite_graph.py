@@ -2,8 +2,9 @@
 
 Each operator becomes a `GraphOp`: an `edgenas.ops.OpSpec` (the shared vocabulary) plus the exact figures taken
 from the file's tensors (MACs from the real kernel shape, weight bytes from the real constant buffers, activation
-bytes from the real tensor shapes). OpSpec assumes square kernels, equal strides and SAME padding; the DS-CNN
-reference model has a 10x4 stem kernel and a 25x5 pooling window, so costs always use the exact figures.
+bytes from the real tensor shapes). The OpSpec carries the file's kernel and stride as they are (an (h, w) pair
+when not square, e.g. the DS-CNN reference model's 10x4 stem and 25x5 pooling window); OpSpec assumes SAME
+padding, so costs always use the exact figures on the GraphOp (a VALID op's taps are all in bounds).
 
 The flatbuffer schema comes from `ai_edge_litert` (imported lazily: importing edgenas never loads LiteRT).
 """
@@ -190,9 +191,7 @@ def _graph_op(index: int, name: str, op, tensors: list[Tensor], source: str) -> 
   else:  # add, reshape, softmax: one pass over the elements
     macs = out_h * out_w * out_c
   activation_bytes = sum(t.nbytes for t in act_in) + outputs[0].nbytes
-  # The shared vocabulary is square-kernel, equal-stride; keep the larger side (exact figures live on GraphOp).
-  kernel, stride = max(kernel_h, kernel_w), max(stride_h, stride_w)
-  spec = ops_lib.OpSpec(kind, in_h, in_w, in_c, out_c, kernel, stride, f"op[{index}]")
+  spec = ops_lib.OpSpec(kind, in_h, in_w, in_c, out_c, (kernel_h, kernel_w), (stride_h, stride_w), f"op[{index}]")
   frac = features_lib.tap_fraction(kind, in_h, in_w, kernel_h, kernel_w, stride_h, stride_w, padding == "same")
   return GraphOp(index, spec, kernel_h, kernel_w, stride_h, stride_w, padding, int(macs), macs * frac,
                  int(weight_bytes), int(activation_bytes), tuple(t.index for t in act_in),

@@ -158,8 +158,9 @@ def strip_names(flatbuffer: bytes) -> bytes:
   return bytes(fb_utils.convert_object_to_bytearray(model))
 
 
-def calibration_sample(images: np.ndarray, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> np.ndarray:
-  """A fixed random sample of training images for calibration (the converter runs them one at a time)."""
+def calibration_sample(split, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> np.ndarray:
+  """A fixed random sample of a split's images for calibration (the converter runs them one at a time). Any
+  split (`edgenas.data`): only the sampled rows are read."""
   rng = np.random.default_rng(seed)
-  take = min(count, len(images))
-  return np.asarray(images)[np.sort(rng.choice(len(images), take, replace=False))]
+  take = min(count, len(split))
+  return np.asarray(split.take(np.sort(rng.choice(len(split), take, replace=False)))[0])

@@ -172,7 +172,7 @@ def export_model(arch: arch_lib.Architecture, variables, dataset: data_lib.Datas
   t_start = time.time()
   model_name = arch.name or f"arch_{arch.hash()}"
   folded = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), model_lib.fold_batchnorm(arch, variables))
-  calib = convert.calibration_sample(dataset.train.images, calibration_images, seed)
+  calib = convert.calibration_sample(dataset.train, calibration_images, seed)
   log(f"export: converting {model_name} ({arch.macs()} MACs) to int8 TFLite, calibrated on {len(calib)} training "
       f"images{' with QAT ranges' if quant_state is not None else ''}")
   flatbuffer = convert.to_tflite(arch, folded, calib, quant_state)
@@ -184,7 +184,7 @@ def export_model(arch: arch_lib.Architecture, variables, dataset: data_lib.Datas
   device_arena = verify.device_arena_bytes(flatbuffer, arena["arena_bytes"])
 
   n_test = len(dataset.test) if eval_limit is None else min(eval_limit, len(dataset.test))
-  images, labels = dataset.test.images[:n_test], dataset.test.labels[:n_test]
+  images, labels = data_lib.head(dataset.test, n_test)
   runner = verify.TflmRunner(flatbuffer, arena["arena_bytes"])
   t_tflm = time.time()
   int8_out, int8_logits = runner.logits(images)
@@ -271,7 +271,7 @@ def export_model(arch: arch_lib.Architecture, variables, dataset: data_lib.Datas
 
 def target_samples(dataset: data_lib.Dataset, flatbuffer: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
   """(int8 images, labels): the first `count` test images, quantised as the model's input expects."""
-  images, labels = dataset.test.images[:count], dataset.test.labels[:count]
+  images, labels = data_lib.head(dataset.test, count)
   return verify.TflmRunner(flatbuffer).quantize_input(images), np.asarray(labels)
 
 

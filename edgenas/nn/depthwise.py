@@ -1,12 +1,12 @@
 """Depthwise 2-D convolution (NHWC, SAME padding as TFLite), with a fast path for XLA:CPU.
 
-`depthwise_conv(x, kernel, stride, impl)` computes y[n,h,w,c] = sum_ij xpad[n, h*s+i, w*s+j, c] * kernel[i,j,c].
+`depthwise_conv(x, kernel, stride, impl)` computes y[n,h,w,c] = sum_ij xpad[n, h*sh+i, w*sw+j, c] * kernel[i,j,c].
 
 Two implementations give the same numbers:
 - "lax": `lax.conv_general_dilated` with `feature_group_count=C`. Right for GPU/TPU, and the one to export
   (jax2tf turns it into a single DEPTHWISE_CONV_2D). On XLA:CPU it is very slow: XLA lowers the kernel gradient
   of a grouped conv to a dense C x C convolution.
-- "shift": k*k shifted multiply-adds over one padded copy of x, which XLA:CPU fuses into one loop, with a
+- "shift": kh*kw shifted multiply-adds over one padded copy of x, which XLA:CPU fuses into one loop, with a
   `jax.custom_vjp`. The input gradient is the same kind of shifted sum over the dilated, padded output gradient
   with the kernel flipped. The kernel gradient sum_{n,h,w} xpad_shifted * g is written as halving trees of
   elementwise adds rather than `reduce` ops (XLA:CPU's reduce kernels are several times slower than its fused
@@ -18,8 +18,8 @@ Two implementations give the same numbers:
 "auto" picks "shift" on the CPU backend and "lax" elsewhere; the environment variable EDGENAS_DEPTHWISE_IMPL
 overrides "auto" for experiments.
 
-Kernel layout: (k, k, C), one k x k filter per channel. (k, k, 1, C), Flax/TF's HWIO layout for a depthwise conv,
-is accepted too and the gradient keeps that shape.
+Kernel layout: (kh, kw, C), one kh x kw filter per channel (square or not). (kh, kw, 1, C), Flax/TF's HWIO layout
+for a depthwise conv, is accepted too and the gradient keeps that shape. The stride is an int or an (sh, sw) pair.
 """
 from __future__ import annotations
 
@@ -59,11 +59,12 @@ def resolve_impl(impl: str = "auto") -> str:
   return "shift" if jax.default_backend() == "cpu" else "lax"
 
 
-def depthwise_conv(x, kernel, stride: int = 1, impl: str = "auto"):
-  """Depthwise SAME convolution of x (N, H, W, C) with kernel (k, k, C) or (k, k, 1, C); returns (N, H', W', C)
-  with H' = ceil(H / stride), exactly as `lax.conv_general_dilated(..., padding="SAME")` and TFLite pad."""
+def depthwise_conv(x, kernel, stride=1, impl: str = "auto"):
+  """Depthwise SAME convolution of x (N, H, W, C) with kernel (kh, kw, C) or (kh, kw, 1, C) and stride s or
+  (sh, sw); returns (N, H', W', C) with H' = ceil(H / sh), exactly as `lax.conv_general_dilated(...,
+  padding="SAME")` and TFLite pad."""
   kernel_2d = _checked_kernel(x, kernel, stride)
-  stride = int(stride)  # a static Python int: it selects slices and pads
+  stride = ops_lib.pair(stride)  # static Python ints: they select slices and pads
   if resolve_impl(impl) == "lax":
     y = _lax_depthwise(x, kernel_2d, stride)
   else:
@@ -78,8 +79,12 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
   return out, total // 2, total - total // 2
 
 
+def _is_stride(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def _checked_kernel(x, kernel, stride):
-  """The kernel as (k, k, C) after checking every argument against x."""
+  """The kernel as (kh, kw, C) after checking every argument against x."""
   if getattr(x, "ndim", None) != 4:
     raise DepthwiseError(f"depthwise_conv: x must be NHWC (4 dimensions), got shape {getattr(x, 'shape', None)}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -89,44 +94,46 @@ def _checked_kernel(x, kernel, stride):
   if len(shape) == 4 and shape[2] == 1:
     kernel = kernel.reshape(shape[0], shape[1], shape[3])
   elif len(shape) != 3:
-    raise DepthwiseError(f"depthwise_conv: kernel must be (k, k, C) or (k, k, 1, C), got shape {shape}")
-  k, k_w, kernel_channels = kernel.shape
-  if k != k_w or k < 1:
-    raise DepthwiseError(f"depthwise_conv: kernel must be square k x k with k >= 1, got shape {shape}")
+    raise DepthwiseError(f"depthwise_conv: kernel must be (kh, kw, C) or (kh, kw, 1, C), got shape {shape}")
+  kh, kw, kernel_channels = kernel.shape
+  if kh < 1 or kw < 1:
+    raise DepthwiseError(f"depthwise_conv: kernel must be kh x kw with kh, kw >= 1, got shape {shape}")
   if kernel_channels != channels:
     raise DepthwiseError(f"depthwise_conv: kernel has {kernel_channels} channels but x has {channels} "
                          f"(kernel shape {shape}, x shape {x.shape})")
-  if not isinstance(stride, numbers.Integral) or isinstance(stride, bool) or stride < 1:
-    raise DepthwiseError(f"depthwise_conv: stride must be a positive int, got {stride!r}")
+  strides = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
+  if len(strides) != 2 or not all(_is_stride(s) for s in strides):
+    raise DepthwiseError(f"depthwise_conv: stride must be a positive int or an (sh, sw) pair of them, got "
+                         f"{stride!r}")
   return kernel
 
 
 def _lax_depthwise(x, kernel, stride):
-  k, _, channels = kernel.shape
-  return lax.conv_general_dilated(x, kernel.reshape(k, k, 1, channels), (stride, stride), "SAME",
+  kh, kw, channels = kernel.shape
+  return lax.conv_general_dilated(x, kernel.reshape(kh, kw, 1, channels), stride, "SAME",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
-def _pad_same(x, k, stride):
+def _pad_same(x, kernel_hw, stride):
   """x padded as SAME needs it, with the output height and width."""
-  out_h, top, bottom = same_padding(x.shape[1], k, stride)
-  out_w, left, right = same_padding(x.shape[2], k, stride)
+  out_h, top, bottom = same_padding(x.shape[1], kernel_hw[0], stride[0])
+  out_w, left, right = same_padding(x.shape[2], kernel_hw[1], stride[1])
   return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), out_h, out_w
 
 
 def _tap(padded, i, j, stride, out_h, out_w):
-  """The window of `padded` that kernel tap (i, j) multiplies: padded[:, h*stride+i, w*stride+j, :]."""
+  """The window of `padded` that kernel tap (i, j) multiplies: padded[:, h*sh+i, w*sw+j, :]."""
   n, _, _, c = padded.shape
-  return lax.slice(padded, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                   (1, stride, stride, 1))
+  sh, sw = stride
+  return lax.slice(padded, (0, i, j, 0), (n, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c), (1, sh, sw, 1))
 
 
 def _shifted_sum(padded, kernel, stride, out_h, out_w):
-  """sum_ij padded[:, h*s+i, w*s+j, :] * kernel[i, j]: one fused elementwise loop on XLA."""
-  k = kernel.shape[0]
+  """sum_ij padded[:, h*sh+i, w*sw+j, :] * kernel[i, j]: one fused elementwise loop on XLA."""
+  kh, kw = kernel.shape[:2]
   y = None
-  for i in range(k):
-    for j in range(k):
+  for i in range(kh):
+    for j in range(kw):
       term = _tap(padded, i, j, stride, out_h, out_w) * kernel[i, j]
       y = term if y is None else y + term
   return y
@@ -142,20 +149,20 @@ def _halving_sum(values):
   return values[0]
 
 
-def _tap_kernel_grads(padded, g, k, stride):
-  """sum over n, h, w of padded[n, h*s+i, w*s+j, c] * g[n, h, w, c] for every tap: (k*k, C).
+def _tap_kernel_grads(padded, g, kernel_hw, stride):
+  """sum over n, h, w of padded[n, h*sh+i, w*sw+j, c] * g[n, h, w, c] for every tap: (kh*kw, C).
 
   Per tap, a tree over the images, then a tree over the output positions. The taps are a `lax.scan`, so the
-  program holds one tap body instead of k*k unrolled ones: as fast, and it compiles in about 1 s instead of 7 s
-  for k = 7."""
+  program holds one tap body instead of kh*kw unrolled ones: as fast, and it compiles in about 1 s instead of 7 s
+  for a 7x7 kernel."""
   n, out_h, out_w, c = g.shape
-  taps = jnp.array([(i, j) for i in range(k) for j in range(k)], jnp.int32)
+  sh, sw = stride
+  taps = jnp.array([(i, j) for i in range(kernel_hw[0]) for j in range(kernel_hw[1])], jnp.int32)
 
   def one_tap(carry, tap):
-    window = lax.dynamic_slice(padded, (0, tap[0], tap[1], 0),
-                               (n, (out_h - 1) * stride + 1, (out_w - 1) * stride + 1, c))
-    if stride > 1:
-      window = window[:, ::stride, ::stride]
+    window = lax.dynamic_slice(padded, (0, tap[0], tap[1], 0), (n, (out_h - 1) * sh + 1, (out_w - 1) * sw + 1, c))
+    if sh > 1 or sw > 1:
+      window = window[:, ::sh, ::sw]
     per_position = _halving_sum(window * g)
     return carry, _halving_sum(per_position.reshape(out_h * out_w, c))
 
@@ -167,13 +174,14 @@ def _largest_divisor_at_most(n, limit):
   return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
 
 
-def _kernel_grad(padded, g, k, stride):
-  """d loss / d kernel, shape (k, k, C). Large batches go through in chunks of images that stay in cache, so each
-  chunk is read k*k times from cache rather than the whole batch k*k times from memory."""
+def _kernel_grad(padded, g, kernel_hw, stride):
+  """d loss / d kernel, shape (kh, kw, C). Large batches go through in chunks of images that stay in cache, so
+  each chunk is read kh*kw times from cache rather than the whole batch kh*kw times from memory."""
   n, out_h, out_w, c = g.shape
+  kh, kw = kernel_hw
   image_bytes = out_h * out_w * c * g.dtype.itemsize
   if n * image_bytes <= _CHUNK_BYTES:
-    return _tap_kernel_grads(padded, g, k, stride).reshape(k, k, c)
+    return _tap_kernel_grads(padded, g, kernel_hw, stride).reshape(kh, kw, c)
   chunk = _largest_divisor_at_most(n, _CHUNK_BYTES // image_bytes)
   # Chunk t holds images t, t + n/chunk, t + 2n/chunk, ...: the scanned axis is then not the batch axis itself,
   # which stays free to be sharded over devices (scan refuses a sharded scanned axis).
@@ -181,27 +189,28 @@ def _kernel_grad(padded, g, k, stride):
   g_chunks = jnp.moveaxis(g.reshape(chunk, n // chunk, *g.shape[1:]), 1, 0)
 
   def add_chunk(total, chunk_pair):
-    return total + _tap_kernel_grads(chunk_pair[0], chunk_pair[1], k, stride), None
+    return total + _tap_kernel_grads(chunk_pair[0], chunk_pair[1], kernel_hw, stride), None
 
-  total, _ = lax.scan(add_chunk, jnp.zeros((k * k, c), g.dtype), (padded_chunks, g_chunks))
-  return total.reshape(k, k, c)
+  total, _ = lax.scan(add_chunk, jnp.zeros((kh * kw, c), g.dtype), (padded_chunks, g_chunks))
+  return total.reshape(kh, kw, c)
 
 
 def _input_grad(g, kernel, stride, in_h, in_w):
-  """d loss / d x: the transposed shifted sum. Scattering g[h, w] * kernel[i, j] to xpad[h*s+i, w*s+j] equals
+  """d loss / d x: the transposed shifted sum. Scattering g[h, w] * kernel[i, j] to xpad[h*sh+i, w*sw+j] equals
   correlating g, dilated by the stride and padded by k-1 minus the forward padding, with the flipped kernel."""
-  k = kernel.shape[0]
-  out_h, top, _ = same_padding(in_h, k, stride)
-  out_w, left, _ = same_padding(in_w, k, stride)
+  kh, kw = kernel.shape[:2]
+  sh, sw = stride
+  out_h, top, _ = same_padding(in_h, kh, sh)
+  out_w, left, _ = same_padding(in_w, kw, sw)
   # Sizes chosen so the correlation output is exactly in_h x in_w (this also covers SAME's extra bottom pad).
-  rows = (k - 1 - top, in_h + top - (out_h - 1) * stride - 1, stride - 1)
-  cols = (k - 1 - left, in_w + left - (out_w - 1) * stride - 1, stride - 1)
+  rows = (kh - 1 - top, in_h + top - (out_h - 1) * sh - 1, sh - 1)
+  cols = (kw - 1 - left, in_w + left - (out_w - 1) * sw - 1, sw - 1)
   dilated = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
-  return _shifted_sum(dilated, kernel[::-1, ::-1], 1, in_h, in_w)
+  return _shifted_sum(dilated, kernel[::-1, ::-1], (1, 1), in_h, in_w)
 
 
 def _shift_forward(x, kernel, stride):
-  padded, out_h, out_w = _pad_same(x, kernel.shape[0], stride)
+  padded, out_h, out_w = _pad_same(x, kernel.shape[:2], stride)
   return _shifted_sum(padded, kernel, stride, out_h, out_w)
 
 
@@ -215,11 +224,11 @@ def _shift_depthwise_fwd(x, kernel, stride):
 
 def _shift_depthwise_bwd(stride, residuals, g):
   x, kernel = residuals
-  k = kernel.shape[0]
-  padded, _, _ = _pad_same(x, k, stride)
+  kernel_hw = kernel.shape[:2]
+  padded, _, _ = _pad_same(x, kernel_hw, stride)
   dx = _input_grad(g, kernel, stride, x.shape[1], x.shape[2])
   # Cotangents must have their primal's dtype (x and kernel may differ, e.g. bfloat16 activations).
-  return dx.astype(x.dtype), _kernel_grad(padded, g, k, stride).astype(kernel.dtype)
+  return dx.astype(x.dtype), _kernel_grad(padded, g, kernel_hw, stride).astype(kernel.dtype)
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)

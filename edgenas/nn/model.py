@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from edgenas import architecture as arch_lib
+from edgenas import ops as ops_lib
 from edgenas.nn.depthwise import depthwise_conv
 
 BN_MOMENTUM = 0.9
@@ -32,9 +33,9 @@ def relu6(x):
   return jnp.clip(x, 0.0, 6.0)
 
 
-def conv2d(x, w, stride: int):
-  """Regular SAME conv, NHWC/HWIO, as TFLite's CONV_2D."""
-  return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def conv2d(x, w, stride):
+  """Regular SAME conv, NHWC/HWIO, as TFLite's CONV_2D; `stride` an int or an (sh, sw) pair."""
+  return jax.lax.conv_general_dilated(x, w, ops_lib.pair(stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def pointwise(x, w):
@@ -72,21 +73,21 @@ class ConvBN(nn.Module):
   """One conv-type operator followed by BatchNorm. kind: "conv", "pointwise" or "depthwise"."""
   kind: str
   features: int
-  kernel: int = 1
-  stride: int = 1
+  kernel: int | tuple[int, int] = 1
+  stride: int | tuple[int, int] = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     cin = x.shape[-1]
     init = nn.initializers.variance_scaling(2.0, "fan_out" if self.kind != "depthwise" else "fan_in", "normal")
     if self.kind == "conv":
-      w = self.param("kernel", init, (self.kernel, self.kernel, cin, self.features))
+      w = self.param("kernel", init, (*ops_lib.pair(self.kernel), cin, self.features))
       y = conv2d(x, w, self.stride)
     elif self.kind == "pointwise":
       w = self.param("kernel", init, (cin, self.features))
       y = pointwise(x, w)
     elif self.kind == "depthwise":
-      w = self.param("kernel", init, (self.kernel, self.kernel, cin))
+      w = self.param("kernel", init, (*ops_lib.pair(self.kernel), cin))
       y = depthwise_conv(x, w, self.stride)
     else:
       raise ValueError(f"unknown conv kind {self.kind!r}")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from edgenas import architecture as arch_lib
+from edgenas import ops as ops_lib
 from edgenas import space as space_lib
 from edgenas.nn.depthwise import depthwise_conv
 from edgenas.nn.model import conv2d, global_avg_pool, pointwise, relu6
@@ -121,9 +122,9 @@ class BatchStatNorm(nn.Module):
 class MBConvCandidate(nn.Module):
   """Inverted residual block; its expanded channels are multiplied by `gate` (one value per gate group)."""
   out_channels: int
-  kernel: int
+  kernel: int | tuple[int, int]
   expansion: int
-  stride: int
+  stride: int | tuple[int, int]
   residual: bool
   gate_group: int
 
@@ -139,8 +140,8 @@ class MBConvCandidate(nn.Module):
       mask = jnp.repeat(gate, self.gate_group)[:hidden]
       h = h * mask
     hidden = h.shape[-1]
-    dw = self.param("dw", nn.initializers.variance_scaling(2.0, "fan_in", "normal"), (self.kernel, self.kernel,
-                                                                                        hidden))
+    dw = self.param("dw", nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                    (*ops_lib.pair(self.kernel), hidden))
     h = relu6(BatchStatNorm(name="dw_bn")(depthwise_conv(h, dw, self.stride)))
     h = pointwise(h, self.param("project", init, (hidden, self.out_channels)))
     h = BatchStatNorm(name="project_bn")(h)
@@ -208,7 +209,7 @@ class Supernet(nn.Module):
   def __call__(self, x, arch: ArchParams, train: bool = True, tau=1.0, arch_step: bool = False):
     s = self.space
     w = self.param("stem", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                   (s.stem_kernel, s.stem_kernel, x.shape[-1], s.stem_channels))
+                   (*ops_lib.pair(s.stem_kernel), x.shape[-1], s.stem_channels))
     x = relu6(BatchStatNorm(name="stem_bn")(conv2d(x, w, s.stem_stride)))
     if train and not self.is_initializing():  # one hard-concrete sample for every gate of the network
       gate_values = gate_sample(arch["gate"], self.make_rng("gates"))
