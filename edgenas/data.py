@@ -132,10 +132,14 @@ def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0
 
 
 def load_data(config) -> Dataset:
-  """The dataset a run's config names: `dataset`, `data_dir`, `val_fraction`, `seed` and `image_size`."""
+  """The dataset a run's config names: `dataset`, `data_dir`, `val_fraction`, `data_seed` and `image_size`.
+
+  The validation split is drawn with `data_seed`, not `seed` (which sets the initialisation and the batch order),
+  so that runs over several seeds share one split and their spread is the seed's alone. A config without
+  `data_seed` (written before it existed) splits with `seed`, as it did then."""
   size = config.get("image_size", 0) or None
   return load_dataset(config.dataset, data_dir=config.get("data_dir") or None, val_fraction=config.val_fraction,
-                      seed=config.seed, image_size=size)
+                      seed=config.get("data_seed", config.seed), image_size=size)
 
 
 def _image_size(name, image_size) -> tuple[int, int] | None:

@@ -131,6 +131,8 @@ def check_config(config) -> None:
       raise SearchConfigError(f"the config has no '{section}' section (see experiments/digits.py)")
   err, s, w, a = SearchConfigError, config.search, config.weights, config.arch
   checks.number(config, "seed", "config", err, integer=True, ge=0)
+  if "data_seed" in config:
+    checks.number(config, "data_seed", "config", err, integer=True, ge=0)
   checks.number(config, "val_fraction", "config", err, gt=0, lt=1)
   size = config.get("image_size", 0)
   if not (checks.is_int(size) and size >= 0) and not (

@@ -10,7 +10,8 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.name = "digits"
-  c.seed = 0
+  c.seed = 0  # initialisation and batch order
+  c.data_seed = 0  # the validation split, kept apart from `seed` so seed sweeps share one split
   c.dataset = "digits"
   c.data_dir = ""  # only for tfds:<name> datasets
   c.image_size = 0  # 0: keep the dataset's size

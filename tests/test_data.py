@@ -262,3 +262,17 @@ def test_tfds_missing_dataset_says_how_to_prepare_it(tfds_dir, tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(data.DataError, match=rf"data_dir {missing} does not exist"):
     data.load_dataset("tfds:mnist", data_dir=missing)
+
+
+def test_the_validation_split_follows_data_seed_not_seed():
+  from experiments import digits
+  c = digits.get_config()
+  base = data.load_data(c)
+  c.seed = 7  # another initialisation and batch order: the same split
+  np.testing.assert_array_equal(data.load_data(c).val.labels, base.val.labels)
+  np.testing.assert_array_equal(data.load_data(c).val.images, base.val.images)
+  c.data_seed = 3  # another split
+  assert not np.array_equal(data.load_data(c).val.images, base.val.images)
+  del c.data_seed  # a config from before data_seed splits with seed, as it did then
+  np.testing.assert_array_equal(data.load_data(c).val.images,
+                                data.load_dataset("digits", val_fraction=0.2, seed=7).val.images)
