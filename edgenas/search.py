@@ -96,6 +96,11 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
   if s.relaxation not in supernet_lib.RELAXATIONS:
     raise SearchConfigError(f"config.search.relaxation must be one of {supernet_lib.RELAXATIONS}, got "
                             f"{s.relaxation!r}")
+  if c.penalty in objective_lib.RETIRED_PENALTIES:
+    raise SearchConfigError(
+        f"config.cost.penalty={c.penalty!r} (CE·(log E/log T)^β) depended on the cost's unit and is NaN below 1; use "
+        f"config.cost.penalty='{objective_lib.RETIRED_PENALTIES[c.penalty]}' (CE·(E/T)^β, MnasNet/FBNet), which "
+        f"takes the same target and beta")
   if c.penalty not in objective_lib.PENALTIES:
     raise SearchConfigError(f"config.cost.penalty must be one of {objective_lib.PENALTIES}, got {c.penalty!r}")
   # NaN passes `lam < 0` and `target > 0` alike; refused here instead of as a diverged search.
@@ -109,11 +114,8 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
   if not (np.isfinite(cost_ref) and cost_ref > 0):
     raise SearchConfigError(f"the uniform supernet's expected cost under config.cost.model={c.model!r} is "
                             f"{cost_ref!r}; the penalty divides by it, so it must be a positive finite number")
-  if c.penalty in ("multiplicative", "target") and not c.target > 0:
+  if c.penalty in ("mnas", "target") and not c.target > 0:
     raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
-  if c.penalty == "multiplicative" and c.target <= 1:
-    raise SearchConfigError("config.cost.target must be > 1 (in the cost model's unit) for the multiplicative "
-                            "penalty, whose log(T) would otherwise be <= 0")
   return ml_collections.ConfigDict(dict(
       relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
       penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),

@@ -66,7 +66,7 @@ BASELINES_DIR = "baselines"
 RETRAIN_DIR = "retrain"
 TEST_ACC_FILE = "supernet_test.json"
 SWEEP_VERSION = 1
-TARGET_PENALTIES = ("target", "multiplicative")
+TARGET_PENALTIES = ("target", "mnas")
 STAGES = ("search", "retrain", "export")  # a result set's stage; each later one carries more results
 _SET_FILE = re.compile(r"^sweep-[0-9a-f]{10}\.json$")
 

@@ -47,9 +47,9 @@ def get_config():
   c.cost = ml_collections.ConfigDict(dict(
       model="energy",  # energy | latency | macs
       platform="stm32l4r5_tflm",
-      penalty="additive",  # none | additive | multiplicative | target
+      penalty="additive",  # none | additive | mnas (CE·(E/T)^β) | target
       lam=0.1,  # the pipeline default: a quarter of λ=0's derived energy (821 vs 3293 µJ), no accuracy lost
-      target=0.0,  # cost target T for multiplicative/target penalties, in the cost model's unit
+      target=0.0,  # cost target T for the mnas/target penalties, in the cost model's unit
       beta=0.6,
       memory_weight=0.0,
       memory_budget=0,  # bytes of peak SRAM; 0 disables the memory hinge

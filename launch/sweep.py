@@ -20,7 +20,7 @@ _CONFIG = common.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (resumed if it exists).", required=True)
 _LAMBDAS = flags.DEFINE_string("lambdas", None, "Comma-separated energy-penalty weights λ >= 0.", required=True)
 _PLATFORMS = flags.DEFINE_string("platforms", "", "Comma-separated platforms (default: config.cost.platform).")
-_TARGETS = flags.DEFINE_string("targets", "", "Comma-separated energy targets T (target/multiplicative penalty).")
+_TARGETS = flags.DEFINE_string("targets", "", "Comma-separated energy targets T (target/mnas penalty).")
 _VECTORIZE = flags.DEFINE_bool("vectorize", False, "Search each platform's members as one vmapped population.")
 _CHUNK = flags.DEFINE_integer("chunk", None, "--vectorize: members stepped at once (0: all, one vmap; 1: one at a "
                                "time inside the one compiled program; default: 1 for Gumbel on one CPU, else 0).")

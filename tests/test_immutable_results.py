@@ -125,7 +125,7 @@ def _summary(seconds, rows=("searched",)):
              **{"energy_vs_mobilenetv2_1.0": None})
   return dict(platform="stm32l4r5_tflm", dataset="digits", rows=[{**row, "network": n} for n in rows],
               search=dict(arch_hash="abc", layers=["k3e1:8"], val_acc_supernet=0.8, cost_model="energy",
-                          lam=0.1, penalty="multiplicative"),
+                          lam=0.1, penalty="mnas"),
               seconds=dict(seconds, total=sum(seconds.values())),
               files=dict(arch="w/search/arch.json", retrain_report="w/retrain/report.json", export=None,
                          tflite=None, export_report=None))

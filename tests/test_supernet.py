@@ -130,7 +130,7 @@ def test_second_order_uses_the_exact_hessian_vector_product(space, batch, relaxa
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("penalty, extra", [("additive", dict(lam=1.0)), ("multiplicative", dict(target=1e3)),
+@pytest.mark.parametrize("penalty, extra", [("additive", dict(lam=1.0)), ("mnas", dict(target=1e3)),
                                             ("target", dict(lam=1.0, target=1e3))])
 def test_penalties_push_towards_cheaper_candidates(space, batch, penalty, extra):
   obj = make_objective(space, "softmax", penalty=penalty, **extra)
@@ -152,3 +152,60 @@ def test_bad_search_config_is_refused():
   c.cost.penalty = "target"
   with pytest.raises(search.SearchConfigError, match="config.cost.target"):
     search.objective_config(c, 1.0)
+
+
+@pytest.mark.parametrize("relaxation", sn.RELAXATIONS)
+def test_the_objective_prices_exactly_the_network_derive_returns(space, relaxation):
+  """One statistic: at a converged α and gates, the objective's expected cost (under each relaxation's own
+  candidate weights and P(gate open)) is the cost of the network `derive` returns."""
+  obj = make_objective(space, relaxation)
+  arch = sn.init_arch_params(space)
+  choice = [1, 1]  # k3e3 in both slots: 8 x 3 = 24 expanded channels, 6 gates of 4
+  arch["alpha"] = [jnp.where(jnp.arange(len(a)) == c, 40.0, -40.0) for a, c in zip(arch["alpha"], choice)]
+  gate = np.full(arch["gate"].shape, 30.0, np.float32)
+  (o0, n0), (o1, n1) = sn.gate_layout(space)[0][1], sn.gate_layout(space)[1][1]
+  gate[o0:o0 + 2] = -30.0  # 4 of 6 groups open: 16 channels
+  gate[o1:o1 + n1 - 1] = -30.0  # 1 of 6 open: 4 channels, rounded up to the divisor
+  arch["gate"] = jnp.asarray(gate)
+  derived = sn.derive(space, arch, relaxation)
+  assert [l.hidden for l in derived.layers] == [16, max(4, space.channel_divisor)]
+  np.testing.assert_allclose(float(obj.expected_cost(arch)), cost_lib.architecture_cost(cost_lib.mac_cost, derived),
+                             rtol=1e-4)
+
+
+def test_derive_keeps_a_gate_exactly_when_the_cost_counts_it_more_open_than_not(space):
+  arch = sn.init_arch_params(space)
+  arch["alpha"] = [jnp.where(jnp.arange(len(a)) == 1, 5.0, 0.0) for a in arch["alpha"]]
+  (o0, n0) = sn.gate_layout(space)[0][1]
+  gate = np.full(arch["gate"].shape, 5.0, np.float32)
+  gate[o0:o0 + n0] = [-1.0, -1.0, -1.0, -2.5, -2.5, -2.5]  # P(open) 0.65 and 0.29
+  arch["gate"] = jnp.asarray(gate)
+  p_open = np.asarray(sn.gate_open_prob(arch["gate"][o0:o0 + n0]))
+  np.testing.assert_allclose(p_open, [0.646] * 3 + [0.289] * 3, atol=2e-3)
+  assert sn.derive(space, arch, "softmax").layers[0].hidden == 3 * space.gate_group  # the three at 0.65
+
+
+def test_the_task_loss_reaches_the_channel_gates(space, batch):
+  """λ = 0: the cross-entropy's gradient on the gate logits is of the order of its gradient on α, not at the
+  BatchNorm-eps scale it had when the gates sat before the depthwise conv's BatchNorm."""
+  obj = make_objective(space, "softmax", penalty="none", lam=0.0)
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  arch = dict(state.arch, gate=jnp.zeros_like(state.arch["gate"]))  # gates half open: sigmoid slope at its largest
+  g = jax.grad(lambda a: obj.task_loss(state.weights, a, batch, jax.random.PRNGKey(1), 1.0, arch_step=True)[0])(arch)
+  gate_grad = float(jnp.mean(jnp.abs(g["gate"])))
+  alpha_grad = float(jnp.mean(jnp.concatenate([jnp.abs(a) for a in g["alpha"]])))
+  assert gate_grad > 1e-4, gate_grad
+  assert 1e-2 < gate_grad / alpha_grad < 1e2, (gate_grad, alpha_grad)
+
+
+def test_a_gates_scale_changes_the_blocks_output():
+  """A gate at 0.5 scales its channels into the projection: d(output)/d(gate) is 8.5e-3 on this probe. Placed
+  before the depthwise conv (as until Dec 2026), the per-channel batch-statistics BatchNorm after it cancelled the
+  scale and the same derivative was 6.8e-5, BatchNorm-eps scale."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 8))
+  probe = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 8))
+  cand = sn.MBConvCandidate(8, 3, 3, 1, True, 4)
+  gate = jnp.full((6,), 0.5)
+  params = cand.init(jax.random.PRNGKey(2), x, gate)
+  g = jax.grad(lambda gt: jnp.mean(cand.apply(params, x, gt) * probe))(gate)
+  assert float(jnp.mean(jnp.abs(g))) > 1e-3

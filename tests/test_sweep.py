@@ -44,7 +44,7 @@ def vectorised(tmp_path_factory):
     ([0.1], ("no_such_board",), (), "unknown platform(s) no_such_board"),
     ([0.1, 0.3, 0.1], (), (), "duplicate λ value(s) 0.1"),
     ([0.1], ("stm32l4r5_tflm", "stm32l4r5_tflm"), (), "duplicate platform"),
-    ([0.1], (), (50.0,), "only the target and multiplicative penalties"),
+    ([0.1], (), (50.0,), "only the target and mnas penalties"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, lambdas, platforms, targets, message):
   workdir = tmp_path / "sweep"

@@ -14,7 +14,14 @@ Relaxations of a mixed op (chosen by config):
   each weight to 0 or 1.
 
 Channel gates (hard-concrete / L0, Louizos et al. 2018) sit on the expanded channels of each expanding candidate,
-one gate per `gate_group` channels. BatchNorm in the supernet normalises with batch statistics only (as in DARTS
+one gate per `gate_group` channels, after the depthwise conv's BatchNorm and ReLU6, just before the projection:
+there a gate's value changes the block's output. (Before the depthwise conv, the per-channel batch-statistics
+BatchNorm that follows it cancelled any non-zero gate scale, leaving the task loss a gradient of eps/σ² on the
+gates.) A channel whose gate closes drops out of all three operators, as derivation removes it.
+
+One statistic prices and derives: the cost counts a gate open with P(z > 0) (`gate_open_prob`) and `derive`
+keeps exactly the gates with P(z > 0) > 0.5; a candidate weighs in the cost with the weight the network runs it
+with (softmax(α), or σ(α) for FairDARTS), and `derive` keeps the heaviest. BatchNorm in the supernet normalises with batch statistics only (as in DARTS
 search): candidates that rarely run would otherwise carry stale running statistics.
 """
 from __future__ import annotations
@@ -93,10 +100,11 @@ def gate_deterministic(log_alpha):
 
 
 def candidate_probs(alpha, relaxation: str):
-  """What the cost model and derivation treat as the probability of each candidate."""
+  """The weight each candidate runs with in the mixed op, which the cost model prices it with: softmax(α), or
+  FairDARTS's independent σ(α) (not normalised: the network runs Σ σ(α_j)·op_j). Gumbel's forward pass is one
+  sample whose probabilities are softmax(α)."""
   if relaxation == "sigmoid":
-    w = jax.nn.sigmoid(alpha)
-    return w / jnp.sum(w)
+    return jax.nn.sigmoid(alpha)
   return jax.nn.softmax(alpha)
 
 
@@ -137,12 +145,12 @@ class MBConvCandidate(nn.Module):
       hidden = cin * self.expansion
       h = pointwise(h, self.param("expand", init, (cin, hidden)))
       h = relu6(BatchStatNorm(name="expand_bn")(h))
-      mask = jnp.repeat(gate, self.gate_group)[:hidden]
-      h = h * mask
     hidden = h.shape[-1]
     dw = self.param("dw", nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
                     (*ops_lib.pair(self.kernel), hidden))
     h = relu6(BatchStatNorm(name="dw_bn")(depthwise_conv(h, dw, self.stride)))
+    if self.expansion != 1:  # after the per-channel BatchNorm, so the gate's scale reaches the projection
+      h = h * jnp.repeat(gate, self.gate_group)[:hidden]
     h = pointwise(h, self.param("project", init, (hidden, self.out_channels)))
     h = BatchStatNorm(name="project_bn")(h)
     return h + x if self.residual else h
@@ -235,9 +243,9 @@ def zero_one_loss(arch: ArchParams) -> jnp.ndarray:
 
 def derive(space: space_lib.SearchSpace, arch: ArchParams, relaxation: str, name: str = ""
            ) -> arch_lib.Architecture:
-  """The discrete network: the most probable candidate per layer (argmax of α, which is also the argmax of
-  σ(α) for FairDARTS) and, inside it, the channels whose deterministic gate is open (> 0.5), rounded up to the
-  space's channel divisor and never above the candidate's width."""
+  """The discrete network: the heaviest candidate per layer (argmax of α, which is also the argmax of softmax(α)
+  and σ(α)) and, inside it, the gate groups the cost counts as more likely open than not (P(z > 0) > 0.5, the
+  statistic `gate_fractions` prices), rounded up to the space's channel divisor and never above the width."""
   del relaxation  # every relaxation's selection rule is argmax α; kept in the signature for clarity
   choices, hidden = [], []
   for slot, alpha, gates in zip(space.slots(), arch["alpha"], candidate_gates(space, arch)):
@@ -247,7 +255,7 @@ def derive(space: space_lib.SearchSpace, arch: ArchParams, relaxation: str, name
     g = gates[j]
     if g is not None:
       hmax = slot.hidden_max(cand)
-      open_groups = int(jnp.sum(gate_deterministic(g) > 0.5))
+      open_groups = int(jnp.sum(gate_open_prob(g) > 0.5))
       hidden.append(min(hmax, space.round_channels(open_groups * space.gate_group)))
     else:
       hidden.append(0)
