@@ -172,7 +172,11 @@ def _tiny(**changes):
     ({"cost.model": "flops"}, r"config\.cost\.model must be one of 'energy', 'latency', 'macs'"),
     ({"cost.platform": "nosuchchip"}, r"config\.cost\.platform: unknown platform 'nosuchchip'; shipped platforms: "
                                       r".*stm32l4r5_tflm"),
-    ({"space.stages": [dict(layers=1, channels=8, stride=3)]}, r"space\.stages\[0\]\.stride' must be 1 or 2 \(or an \(h, w\) pair of them\), got 3"),
+    ({"space.stages": [dict(layers=1, channels=8, stride=3)]},
+     r"space\.stages\[0\]\.stride' must be 1 or 2 \(or an \(h, w\) pair of them\), got 3"),
+    ({"cost.penalty": "multiplicative", "cost.target": 800.0},
+     r"config\.cost\.penalty='multiplicative' .*depended on the cost's unit.*use config\.cost\.penalty='mnas'"),
+    ({"data_seed": -1}, r"config\.data_seed must be an integer >= 0, got -1"),
 ])
 def test_check_config_refuses_a_bad_field_naming_it(changes, message):
   from edgenas import search
