@@ -1,4 +1,9 @@
-"""Datasets as in-memory numpy arrays, deterministic (resumable, shardable) batches, and light augmentation.
+"""The one input pipeline: datasets, the split protocol, deterministic (resumable, shardable) batches, augmentation.
+
+Search and retraining (and export's calibration and test images) read data only through this module: the config
+names the dataset, its preprocessing (`image_size`, `channels`; the KWS front-end belongs to the audio datasets)
+and the retrain augmentation (`retrain.max_shift`, `retrain.flip`); the loops only call `load_data` and
+`BatchStream.batch_at(step)`.
 
 Datasets:
   - `digits`: scikit-learn's handwritten digits (1,797 real 8x8 grey images, 10 classes) that ship inside the
@@ -8,6 +13,10 @@ Datasets:
   - `tfds:<builder>` (e.g. `tfds:mnist`, `tfds:cifar10`): read from a TFDS `data_dir` that was prepared beforehand;
     nothing is downloaded at run time. Validation is carved from the `train` split with a permutation seeded by
     `seed`; test is the `test` split (or `validation` when a builder has no `test`).
+  - `kws`: the embedded keyword-spotting set, synthesised with espeak-ng and cached (`edgenas.kws`);
+    `tfds:speech_commands`: Speech Commands from a prepared TFDS dir (`edgenas.audio`). Both are 49x10x1 MFCCs.
+  - `vww`, `folder:<dir>`, `tfds_stream:<builder>`: streamed from disk and decoded per batch (`edgenas.streaming`),
+    for sets that do not fit in memory.
 Images are float32 NHWC in [0, 1] (int8 export quantises that range directly); labels are int32.
 
 Batches: the order of an epoch is a permutation seeded by (seed, epoch) alone, so a run resumed at any step sees
@@ -27,6 +36,8 @@ import numpy as np
 DIGITS = "digits"
 KWS = "kws"  # the embedded keyword-spotting set, synthesised with espeak-ng (edgenas.kws)
 SPEECH_COMMANDS = "speech_commands"  # TFDS's Speech Commands, through the MFCC front-end (edgenas.audio)
+VWW = "vww"  # Visual Wake Words as MLPerf Tiny prepares it (a person/non_person folder), streamed
+STREAMED_PREFIXES = ("folder:", "tfds_stream:")  # an image folder; a TFDS builder prepared as array_record
 TFDS_PREFIX = "tfds:"
 DIGITS_TEST_FRACTION = 0.15
 DIGITS_TEST_SEED = 0  # fixed, so runs with different seeds are scored on the same test images
@@ -107,14 +118,23 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-                 image_size: tuple[int, int] | int | None = None) -> Dataset:
-  """Loads `digits` or `tfds:<builder>` into memory with train/val/test splits (see the module docstring).
+                 image_size: tuple[int, int] | int | None = None, channels: int = 0) -> Dataset:
+  """Loads a dataset with train/val/test splits: `digits`, `kws`, `tfds:<builder>` (incl. `tfds:speech_commands`)
+  into memory; `vww`, `folder:<dir>` and `tfds_stream:<builder>` streamed from disk (`edgenas.streaming`).
 
-  `image_size` (H, W) or an int resizes every image (bilinear, antialiased when shrinking).
+  `image_size` (H, W) or an int resizes every image (bilinear, antialiased when shrinking); `channels` (1 or 3,
+  streamed image datasets only) converts grey/RGB.
   """
   if not 0.0 < val_fraction < 1.0:
     raise DataError(f"dataset '{name}': val_fraction must be in (0, 1), got {val_fraction}")
   size = _image_size(name, image_size)
+  if name == VWW or name.startswith(STREAMED_PREFIXES):  # by name: importing streaming pulls in grain
+    from edgenas import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.load(name, data_dir, val_fraction=val_fraction, seed=seed, image_size=size,
+                          channels=channels or None)
+  if channels:
+    raise DataError(f"dataset '{name}': channels is only for the streamed image datasets ({VWW}, "
+                    f"{', '.join(p + '...' for p in STREAMED_PREFIXES)})")
   if name == DIGITS:
     dataset = _load_digits(val_fraction, seed)
   elif name == KWS:
@@ -126,8 +146,8 @@ def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0
   elif name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
     dataset = _load_tfds(name[len(TFDS_PREFIX):], data_dir, val_fraction, seed)
   else:
-    raise DataError(f"unknown dataset '{name}': use '{DIGITS}', '{KWS}' or '{TFDS_PREFIX}<builder>' "
-                    f"(e.g. 'tfds:mnist', 'tfds:speech_commands')")
+    raise DataError(f"unknown dataset '{name}': use '{DIGITS}', '{KWS}', '{VWW}', '{TFDS_PREFIX}<builder>' "
+                    f"(e.g. 'tfds:mnist', 'tfds:speech_commands'), 'folder:<dir>' or 'tfds_stream:<builder>'")
   return resize_dataset(dataset, size) if size else dataset
 
 
@@ -139,7 +159,7 @@ def load_data(config) -> Dataset:
   `data_seed` (written before it existed) splits with `seed`, as it did then."""
   size = config.get("image_size", 0) or None
   return load_dataset(config.dataset, data_dir=config.get("data_dir") or None, val_fraction=config.val_fraction,
-                      seed=config.get("data_seed", config.seed), image_size=size)
+                      seed=config.get("data_seed", config.seed), image_size=size, channels=config.get("channels", 0))
 
 
 def _image_size(name, image_size) -> tuple[int, int] | None:

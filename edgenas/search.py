@@ -133,6 +133,8 @@ def check_config(config) -> None:
       raise SearchConfigError(f"the config has no '{section}' section (see experiments/digits.py)")
   err, s, w, a = SearchConfigError, config.search, config.weights, config.arch
   checks.number(config, "seed", "config", err, integer=True, ge=0)
+  if config.get("channels", 0) not in (0, 1, 3):
+    raise err(f"config.channels must be 0 (keep), 1 or 3, got {config.get('channels')!r}")
   if "data_seed" in config:
     checks.number(config, "data_seed", "config", err, integer=True, ge=0)
   checks.number(config, "val_fraction", "config", err, gt=0, lt=1)

@@ -15,6 +15,7 @@ def get_config():
   c.dataset = "digits"
   c.data_dir = ""  # only for tfds:<name> datasets
   c.image_size = 0  # 0: keep the dataset's size
+  c.channels = 0  # 0: keep; 1 or 3 converts grey/RGB (streamed image datasets: vww, folder:, tfds_stream:)
   c.val_fraction = 0.2  # of the training data, held out for the architecture step
 
   c.space = ml_collections.ConfigDict(dict(
