@@ -31,14 +31,16 @@ def get_config():
       channel_divisor=8,
       head_channels=0,
   ))
-  c.search.epochs = 6
-  c.search.warmup_epochs = 2.0
+  # The supernet learns this task slowly: validation accuracy 13% after 4 epochs, 30% after 12 (one Gumbel path
+  # per step, 10 candidates a layer); fewer epochs derive from an untrained supernet.
+  c.search.epochs = 12
+  c.search.warmup_epochs = 4.0
   c.search.batch_size = 64
-  c.cost.lam = 0.1
+  c.cost.lam = 0.03  # at 0.1 the energy term outweighed a 30%-accurate supernet: k3e1 skip k3e1 skip, 484k MACs
 
   c.retrain.epochs = 12
   c.retrain.max_shift = 0  # pixel shifts make no sense on MFCCs; the embedded set is time-shifted when made
   c.retrain.flip = False
   c.retrain.qat_epochs = 2
-  c.baselines = ("dscnn", "mobilenetv2_0.35")
+  c.baselines = ("dscnn",)  # MLPerf Tiny's reference; add "mobilenetv2_0.35" (about 4 more minutes)
   return c
