@@ -33,15 +33,21 @@ def main() -> None:
   parser.add_argument("--workdir", default=None)
   parser.add_argument("--keep_cache", action="store_true", help="use the normal compile cache (warm)")
   parser.add_argument("--keep_data", action="store_true", help="kws: use the normal dataset cache")
+  parser.add_argument("--data_dir", default="", help="kws: this dataset cache (e.g. to resume a measured run)")
   args = parser.parse_args()
   workdir = args.workdir or os.path.join(tempfile.mkdtemp(prefix="edgenas-pipeline-"), args.config)
+  # A resumed run keeps each finished stage's recorded wall time (edgenas.pipeline), so summary.json's seconds are
+  # still the cold run's; process_wall_s is then only the resumed part.
+  resumed = os.path.isdir(workdir)
   env = dict(os.environ)
   if not args.keep_cache:
     env["EDGENAS_JAX_CACHE"] = tempfile.mkdtemp(prefix="edgenas-cold-cache-")
   command = [sys.executable, "-m", "launch.pipeline", f"--config=experiments/{args.config}.py", f"--workdir={workdir}"]
-  cold_data = args.config == "kws" and not args.keep_data
+  cold_data = args.config == "kws" and not args.keep_data and not args.data_dir
   if cold_data:
     command.append(f"--config.data_dir={tempfile.mkdtemp(prefix='edgenas-cold-data-')}")
+  elif args.data_dir:
+    command.append(f"--config.data_dir={args.data_dir}")
   t0 = time.time()
   proc = subprocess.run(command, cwd=REPO, env=env)
   wall = time.time() - t0
@@ -52,7 +58,8 @@ def main() -> None:
       command=" ".join(["python"] + command[1:]), process_wall_s=round(wall, 1),
       peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
       compile_cache="warm" if args.keep_cache else "cold (EDGENAS_JAX_CACHE pointed at an empty directory)",
-      dataset_cache="cold (generated inside the run)" if cold_data else "as found",
+      dataset_cache="cold (generated inside the run)" if cold_data else f"as found ({args.data_dir or 'default'})",
+      resumed=resumed,
       cpu_count=os.cpu_count(), load_average_at_end=[round(v, 2) for v in os.getloadavg()])
   rundir.atomic_write_json(os.path.join(REPO, "benchmarks", "results", f"pipeline_{args.config}.json"), summary)
   shutil.copyfile(summary["files"]["tflite"], os.path.join(REPO, "testdata", f"{args.config}_searched_int8.tflite"))

@@ -120,13 +120,16 @@ def test_bad_config_is_refused_before_any_work(tmp_path):
 
 
 def test_four_devices_give_the_same_architecture_logits_as_one(tmp_path):
-  config = write_config(tmp_path, "dp", "c.search.relaxation = 'softmax'\nc.search.max_steps = 6")
+  """Two steps agree to 1e-8 (measured). Over more steps, reduction-order noise of 1e-8 grows: a hard-concrete
+  gate sample at its clip boundary clips on one run and not the other, and Adam turns the gates' now non-trivial
+  gradients into lr-sized updates (1.1e-3 apart after 6 steps), so the equivalence is checked where it is exact."""
+  config = write_config(tmp_path, "dp", "c.search.relaxation = 'softmax'\nc.search.max_steps = 2")
   one, four = str(tmp_path / "one"), str(tmp_path / "four")
   r1, r4 = launch(config, one, devices=1), launch(config, four, devices=4)
   assert r1.returncode == 0 and r4.returncode == 0, r1.stderr + r4.stderr
   assert read(one, "search.json")["devices"] == 1 and read(four, "search.json")["devices"] == 4
   for a, b in zip(read(one, "search.json")["alpha"], read(four, "search.json")["alpha"]):
-    assert a == pytest.approx(b, abs=1e-4)
+    assert a == pytest.approx(b, abs=1e-6)
 
 
 # ---- the config and finished-search checks, called directly (no launcher, no data, no device)

@@ -36,7 +36,12 @@ MODEL_FILE = "model.tflite"
 EXPORT_DIR = "export"
 FLOAT_TOLERANCE_PTS = 1.0  # int8 vs float accuracy, post-training quantization
 QAT_TOLERANCE_PTS = 0.5  # int8 vs fake-quant accuracy, quantization-aware training
-MIN_AGREEMENT = 0.99  # int8 argmax agreement with the float (or, with QAT, the fake-quant) network
+# int8 argmax agreement with the float (or, with QAT, the fake-quant) network. A broken conversion (a wrong scale, a
+# transposed kernel) agrees on far fewer; on a 12-class KWS net at 86% accuracy, TFLM's integer requantisation
+# flips 2.0% of the test clips against fake-quant (0.980: low-margin clips) while both accuracies stay within
+# 0.32 points, so 0.99 (which digits passes at 99.6%+) refused a correct export. The accuracy tolerances above
+# are the contract; this catches gross breakage.
+MIN_AGREEMENT = 0.97
 EVAL_BATCH = 256
 DEFAULT_TARGET_IMAGES = 16  # test images each emulated target runs and checks byte for byte
 
