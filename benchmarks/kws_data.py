@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from edgenas import rundir  # json and os only: measuring the generation is not disturbed
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "kws_data.json")
 TARGET_DSCNN = (0.85, 0.95)
@@ -150,11 +152,8 @@ def main() -> None:
     out["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
   finally:
     shutil.rmtree(cache_parent, ignore_errors=True)
-  text = json.dumps(out, indent=2)
-  print(text)
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
-    f.write(text + "\n")
+  print(json.dumps(out, indent=2))
+  rundir.atomic_write_json(RESULTS, out)
 
 
 if __name__ == "__main__":

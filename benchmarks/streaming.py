@@ -31,6 +31,7 @@ import PIL
 from PIL import Image
 
 from edgenas import data
+from edgenas import rundir
 from edgenas import streaming
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "streaming.json")
@@ -243,11 +244,8 @@ def main():
   free = min(out["cores_free_before"], out["cores_free_after"])
   out["machine_state"] = "idle (both cores free before and after)" if free >= 1.8 else (
       f"loaded (as few as {free} of {os.cpu_count()} cores free; 1-min load {load_before[0]} before)")
-  text = json.dumps(out, indent=2)
-  print(text)
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
-    f.write(text + "\n")
+  print(json.dumps(out, indent=2))
+  rundir.atomic_write_json(RESULTS, out)
 
 
 if __name__ == "__main__":

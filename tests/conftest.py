@@ -50,3 +50,63 @@ def small_search_config():
   namespace = {}
   exec(SMALL_SEARCH_CONFIG, namespace)
   return namespace["get_config"]()
+
+
+TINY_TFDS_TRAIN, TINY_TFDS_TEST = 40, 12
+
+
+def tiny_image_builder(class_name: str):
+  """A real (tiny) TFDS image builder named `class_name` (TFDS registers it as its snake_case name): 6x6 grey
+  images whose first pixel is the example id, 3 classes, 40 train and 12 test examples."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(6, 6, 1)),
+                                             "label": tfds.features.ClassLabel(num_classes=3)}),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {"train": self._generate_examples(0, TINY_TFDS_TRAIN),
+            "test": self._generate_examples(100, TINY_TFDS_TEST)}
+
+  def _generate_examples(self, first_id, count):
+    rng = np.random.default_rng(first_id)
+    for example_id in range(first_id, first_id + count):
+      image = rng.integers(0, 256, (6, 6, 1), dtype=np.uint8)
+      image[0, 0, 0] = example_id
+      yield example_id, {"image": image, "label": example_id % 3}
+
+  return type(class_name, (tfds.core.GeneratorBasedBuilder,),
+              dict(VERSION=tfds.core.Version("1.0.0"), _info=_info, _split_generators=_split_generators,
+                   _generate_examples=_generate_examples, __doc__=tiny_image_builder.__doc__))
+
+
+def adam_trained(arch, split, steps: int, lr: float = 3e-3, seed: int = 0):
+  """`arch`'s variables after `steps` Adam steps on batches of 64 of `split` (a short real training run)."""
+  import jax
+  import optax
+  from edgenas import data as data_lib
+  from edgenas.nn import model as model_lib
+  net = model_lib.Net(arch)
+  variables = model_lib.init_net(arch, jax.random.PRNGKey(seed))
+  tx = optax.adam(lr)
+
+  @jax.jit
+  def step(params, stats, opt, x, y):
+    def loss(p):
+      logits, upd = net.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), stats, opt
+
+  params, stats = variables["params"], variables["batch_stats"]
+  opt = tx.init(params)
+  stream = data_lib.BatchStream.of(split, 64, seed)
+  for s in range(steps):
+    params, stats, opt = step(params, stats, opt, *stream.batch_at(s))
+  return jax.device_get({"params": params, "batch_stats": stats})

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgenas import data
+from conftest import TINY_TFDS_TEST, TINY_TFDS_TRAIN, tiny_image_builder
 
 
 @pytest.fixture(scope="module")
@@ -191,35 +192,11 @@ def test_random_flip_mirrors_some_images():
 
 # --------------------------------------------------------------------------------------------- TFDS, offline
 
-_TFDS_TRAIN, _TFDS_TEST = 40, 12
+_TFDS_TRAIN, _TFDS_TEST = TINY_TFDS_TRAIN, TINY_TFDS_TEST
 
 
 def _tiny_builder_class():
-  import tensorflow_datasets as tfds
-
-  class EdgenasTinyShapes(tfds.core.GeneratorBasedBuilder):
-    """A real (tiny) TFDS dataset: 6x6 grey images whose first pixel is the example id."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(6, 6, 1)),
-                                               "label": tfds.features.ClassLabel(num_classes=3)}),
-          supervised_keys=("image", "label"))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # nothing to download
-      return {"train": self._generate_examples(0, _TFDS_TRAIN), "test": self._generate_examples(100, _TFDS_TEST)}
-
-    def _generate_examples(self, first_id, count):
-      rng = np.random.default_rng(first_id)
-      for example_id in range(first_id, first_id + count):
-        image = rng.integers(0, 256, (6, 6, 1), dtype=np.uint8)
-        image[0, 0, 0] = example_id
-        yield example_id, {"image": image, "label": example_id % 3}
-
-  return EdgenasTinyShapes
+  return tiny_image_builder("EdgenasTinyShapes")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from edgenas import architecture as arch_lib
@@ -21,7 +20,7 @@ from edgenas import train as train_lib
 from edgenas.energy import platform as platform_lib
 from edgenas.export import convert, errors, exporter, resolver, verify
 from edgenas.nn import model as model_lib
-from conftest import require_device
+from conftest import adam_trained, require_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLATFORM = "stm32l4r5_tflm"
@@ -47,25 +46,7 @@ def dataset():
 def trained(dataset):
   """(arch, variables) after a short Adam run on digits (about 97% test accuracy)."""
   arch = tiny_arch()
-  net = model_lib.Net(arch)
-  variables = model_lib.init_net(arch, jax.random.PRNGKey(0))
-  tx = optax.adam(3e-3)
-
-  @jax.jit
-  def step(params, stats, opt, x, y):
-    def loss(p):
-      logits, upd = net.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
-    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
-    updates, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, updates), stats, opt
-
-  params, stats = variables["params"], variables["batch_stats"]
-  opt = tx.init(params)
-  stream = data_lib.BatchStream(*dataset.train, 64, 0)
-  for s in range(TRAIN_STEPS):
-    params, stats, opt = step(params, stats, opt, *stream.batch_at(s))
-  return arch, jax.device_get({"params": params, "batch_stats": stats})
+  return arch, adam_trained(arch, dataset.train, TRAIN_STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ trained weights, int8 export, `.tflite` reading and emulated Cortex-M4 run all k
 import json
 import os
 
-import jax
 import numpy as np
-import optax
 import pytest
 
 from edgenas import architecture as arch_lib
@@ -16,8 +14,7 @@ from edgenas import search as search_lib
 from edgenas import space as space_lib
 from edgenas.energy import tflite_graph
 from edgenas.export import exporter
-from edgenas.nn import model as model_lib
-from conftest import require_device, small_search_config
+from conftest import adam_trained, require_device, small_search_config
 
 SIZE = (12, 8)
 
@@ -72,27 +69,9 @@ def exported(tmp_path_factory):
   """A non-square network trained briefly on 12x8 digits, exported to int8 TFLite Micro."""
   dataset = data_lib.load_dataset("digits", val_fraction=0.1, seed=0, image_size=SIZE)
   arch = _arch()
-  net = model_lib.Net(arch)
-  variables = model_lib.init_net(arch, jax.random.PRNGKey(0))
-  tx = optax.adam(3e-3)
-
-  @jax.jit
-  def step(params, stats, opt, x, y):
-    def loss(p):
-      logits, upd = net.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
-    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
-    updates, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, updates), stats, opt
-
-  params, stats = variables["params"], variables["batch_stats"]
-  opt = tx.init(params)
-  stream = data_lib.BatchStream.of(dataset.train, 64, 0)
-  for s in range(300):
-    params, stats, opt = step(params, stats, opt, *stream.batch_at(s))
+  variables = adam_trained(arch, dataset.train, 300)
   out = str(tmp_path_factory.mktemp("export") / "export")
-  report = exporter.export_model(arch, jax.device_get({"params": params, "batch_stats": stats}), dataset, out,
-                                 ["stm32l4r5_tflm"])
+  report = exporter.export_model(arch, variables, dataset, out, ["stm32l4r5_tflm"])
   return arch, dataset, out, report
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from edgenas import data
 from edgenas import streaming
+from conftest import TINY_TFDS_TEST, TINY_TFDS_TRAIN, tiny_image_builder
 
 _PER_CLASS = 20
 
@@ -295,36 +296,12 @@ def test_load_dispatches_the_streamed_names(folder, tmp_path):
 
 # ------------------------------------------------------------------------------------ TFDS, array_record, offline
 
-_TFDS_TRAIN, _TFDS_TEST = 40, 12
+_TFDS_TRAIN, _TFDS_TEST = TINY_TFDS_TRAIN, TINY_TFDS_TEST
 
 
 @functools.cache
 def _builder_class():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  class EdgenasStreamShapes(tfds.core.GeneratorBasedBuilder):
-    """A real (tiny) TFDS image dataset: 6x6 grey PNGs whose first pixel is the example id."""
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(6, 6, 1)),
-                                               "label": tfds.features.ClassLabel(num_classes=3)}),
-          supervised_keys=("image", "label"))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # nothing to download
-      return {"train": self._generate_examples(0, _TFDS_TRAIN), "test": self._generate_examples(100, _TFDS_TEST)}
-
-    def _generate_examples(self, first_id, count):
-      rng = np.random.default_rng(first_id)
-      for example_id in range(first_id, first_id + count):
-        image = rng.integers(0, 256, (6, 6, 1), dtype=np.uint8)
-        image[0, 0, 0] = example_id
-        yield example_id, {"image": image, "label": example_id % 3}
-
-  return EdgenasStreamShapes
+  return tiny_image_builder("EdgenasStreamShapes")
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def test_the_objective_prices_exactly_the_network_derive_returns(space, relaxati
   choice = [1, 1]  # k3e3 in both slots: 8 x 3 = 24 expanded channels, 6 gates of 4
   arch["alpha"] = [jnp.where(jnp.arange(len(a)) == c, 40.0, -40.0) for a, c in zip(arch["alpha"], choice)]
   gate = np.full(arch["gate"].shape, 30.0, np.float32)
-  (o0, n0), (o1, n1) = sn.gate_layout(space)[0][1], sn.gate_layout(space)[1][1]
+  o0, (o1, n1) = sn.gate_layout(space)[0][1][0], sn.gate_layout(space)[1][1]
   gate[o0:o0 + 2] = -30.0  # 4 of 6 groups open: 16 channels
   gate[o1:o1 + n1 - 1] = -30.0  # 1 of 6 open: 4 channels, rounded up to the divisor
   arch["gate"] = jnp.asarray(gate)
