@@ -37,7 +37,9 @@ DIGITS = "digits"
 KWS = "kws"  # the embedded keyword-spotting set, synthesised with espeak-ng (edgenas.kws)
 SPEECH_COMMANDS = "speech_commands"  # TFDS's Speech Commands, through the MFCC front-end (edgenas.audio)
 VWW = "vww"  # Visual Wake Words as MLPerf Tiny prepares it (a person/non_person folder), streamed
-STREAMED_PREFIXES = ("folder:", "tfds_stream:")  # an image folder; a TFDS builder prepared as array_record
+FOLDER_PREFIX = "folder:"  # an image folder, one sub-directory per class, streamed
+TFDS_STREAM_PREFIX = "tfds_stream:"  # a TFDS builder prepared as array_record, streamed
+STREAMED_PREFIXES = (FOLDER_PREFIX, TFDS_STREAM_PREFIX)
 TFDS_PREFIX = "tfds:"
 DIGITS_TEST_FRACTION = 0.15
 DIGITS_TEST_SEED = 0  # fixed, so runs with different seeds are scored on the same test images
@@ -125,10 +127,9 @@ def load_dataset(name: str, data_dir: str | None = None, val_fraction: float = 0
   `image_size` (H, W) or an int resizes every image (bilinear, antialiased when shrinking); `channels` (1 or 3,
   streamed image datasets only) converts grey/RGB.
   """
-  if not 0.0 < val_fraction < 1.0:
-    raise DataError(f"dataset '{name}': val_fraction must be in (0, 1), got {val_fraction}")
-  size = _image_size(name, image_size)
-  if name == VWW or name.startswith(STREAMED_PREFIXES):  # by name: importing streaming pulls in grain
+  check_val_fraction(name, val_fraction)
+  size = parse_image_size(name, image_size)
+  if is_streamed(name):  # by name: importing streaming pulls in grain
     from edgenas import streaming  # pylint: disable=g-import-not-at-top
     return streaming.load(name, data_dir, val_fraction=val_fraction, seed=seed, image_size=size,
                           channels=channels or None)
@@ -162,8 +163,19 @@ def load_data(config) -> Dataset:
                       seed=config.get("data_seed", config.seed), image_size=size, channels=config.get("channels", 0))
 
 
-def _image_size(name, image_size) -> tuple[int, int] | None:
-  if image_size is None:
+def is_streamed(name: str) -> bool:
+  """Whether dataset `name` is read from disk per batch (`edgenas.streaming`) rather than loaded into memory."""
+  return name == VWW or any(name.startswith(p) and len(name) > len(p) for p in STREAMED_PREFIXES)
+
+
+def check_val_fraction(name: str, val_fraction: float) -> None:
+  if not 0.0 < val_fraction < 1.0:
+    raise DataError(f"dataset '{name}': val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def parse_image_size(name: str, image_size) -> tuple[int, int] | None:
+  """(H, W) of an `image_size` given as an int or a pair; None (or 0) keeps the dataset's size."""
+  if image_size is None or (isinstance(image_size, (int, np.integer)) and image_size == 0):
     return None
   size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
@@ -292,12 +304,16 @@ def shard_slice(global_batch: int, shard_index: int, num_shards: int) -> slice:
 def _check_batching(images, labels, batch_size, num_shards, drop_last) -> None:
   if len(images) != len(labels):
     raise DataError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+  _check_sizes(len(labels), batch_size, num_shards, drop_last)
+
+
+def _check_sizes(num_examples, batch_size, num_shards, drop_last) -> None:
   if batch_size < 1 or num_shards < 1:
     raise DataError(f"batch_size and num_shards must be >= 1, got {batch_size} and {num_shards}")
   if batch_size % num_shards:
     raise DataError(f"global batch_size {batch_size} is not divisible by num_shards {num_shards}")
-  if drop_last and len(labels) < batch_size:
-    raise DataError(f"batch_size {batch_size} is larger than the split ({len(labels)} examples) with drop_last; "
+  if drop_last and num_examples < batch_size:
+    raise DataError(f"batch_size {batch_size} is larger than the split ({num_examples} examples) with drop_last; "
                     f"lower the batch size or the validation fraction")
 
 
@@ -333,7 +349,7 @@ class BatchStream:
 
   @classmethod
   def of(cls, split, batch_size: int, seed: int, shard_index: int = 0, num_shards: int = 1) -> "BatchStream":
-    _check_batching(split.labels, split.labels, batch_size, num_shards, drop_last=True)
+    _check_sizes(len(split), batch_size, num_shards, drop_last=True)
     stream = cls.__new__(cls)
     stream._init(split, batch_size, seed, shard_index, num_shards)
     return stream

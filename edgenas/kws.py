@@ -61,6 +61,7 @@ import numpy as np
 from edgenas import audio
 from edgenas import data as data_lib
 from edgenas import espeak
+from edgenas.console import say  # imports no JAX: the generation workers stay light
 
 KWS_VERSION = 1  # bump when generation changes in a way GenerationParams does not capture
 NAME = data_lib.KWS
@@ -190,8 +191,7 @@ def load_embedded(cache_dir: str | None = None, val_fraction: float = 0.1, seed:
   voice variants chosen with `seed`, is validation. Generates the set on first use (see the module docstring).
 
   `cache_dir` is the cache's parent (default ~/.cache/edgenas/datasets); `params` default to DEFAULT_PARAMS."""
-  if not 0.0 < val_fraction < 1.0:
-    raise data_lib.DataError(f"dataset '{NAME}': val_fraction must be in (0, 1), got {val_fraction}")
+  data_lib.check_val_fraction(NAME, val_fraction)
   arrays = load_arrays(params or DEFAULT_PARAMS, cache_dir, workers)
   images = arrays["features"][..., None]
   labels = arrays["labels"]
@@ -235,9 +235,9 @@ def load_arrays(params: GenerationParams = DEFAULT_PARAMS, cache_dir: str | None
     try:
       return read_cache(final, params)
     except CacheError as e:
-      _say(f"kws: the cached set in {final} is unusable ({e}); generating it again")
+      say(f"kws: the cached set in {final} is unusable ({e}); generating it again")
   else:
-    _say(f"kws: generating the embedded keyword-spotting set ({params.num_clips} clips, once) into {final}")
+    say(f"kws: generating the embedded keyword-spotting set ({params.num_clips} clips, once) into {final}")
   arrays, manifest = generate(params, workers)
   try:
     return write_cache(final, arrays, manifest, params)
@@ -316,7 +316,7 @@ def write_cache(final: str, arrays: dict[str, np.ndarray], manifest: dict,
     if os.path.isdir(tmp):
       _remove_dataset_dir(tmp)
     raise
-  _say(f"kws: cached {params.num_clips} clips in {final}")
+  say(f"kws: cached {params.num_clips} clips in {final}")
   return arrays
 
 
@@ -329,7 +329,7 @@ def _remove_dataset_dir(directory: str) -> None:
   try:
     os.rmdir(directory)
   except OSError:
-    _say(f"kws: left {directory} in place: it holds files kws did not write")
+    say(f"kws: left {directory} in place: it holds files kws did not write")
 
 
 def _remove_stale_temps(parent: str, base: str) -> None:
@@ -347,11 +347,6 @@ def _remove_stale_temps(parent: str, base: str) -> None:
     except (ValueError, PermissionError):
       continue
     _remove_dataset_dir(os.path.join(parent, name))
-
-
-def _say(line: str) -> None:
-  from edgenas.console import say  # pylint: disable=g-import-not-at-top  # JAX stays out of the worker processes
-  say(line)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -377,7 +372,7 @@ def generate(params: GenerationParams = DEFAULT_PARAMS, workers: int | None = No
       out[name][start:start + len(values)] = values
     done += len(result["labels"])
     if done / n >= next_report or done == n:
-      _say(f"kws: {done}/{n} clips, {time.time() - t0:.0f} s")
+      say(f"kws: {done}/{n} clips, {time.time() - t0:.0f} s")
       next_report = done / n + 0.1
 
   if workers == 1 or len(ranges) == 1:

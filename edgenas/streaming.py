@@ -59,9 +59,8 @@ from PIL import Image
 
 from edgenas import data
 
-FOLDER_PREFIX = "folder:"
-TFDS_STREAM_PREFIX = "tfds_stream:"
-VWW = "vww"
+FOLDER_PREFIX, TFDS_STREAM_PREFIX, VWW = data.FOLDER_PREFIX, data.TFDS_STREAM_PREFIX, data.VWW
+is_streamed = data.is_streamed
 VWW_DIR = "vw_coco2014_96"
 VWW_CLASSES = ("non_person", "person")
 VWW_SIZE = (96, 96)
@@ -73,11 +72,6 @@ TEST_SEED = data.DIGITS_TEST_SEED
 _MAX_THREADS = 8
 _CHUNKS_PER_THREAD = 4  # grain work items per thread and batch: amortises grain's per-item cost, still balances
 _GREY_MODES = frozenset({"1", "L", "LA", "La"})
-
-
-def is_streamed(name: str) -> bool:
-  """Whether `load` reads dataset `name` (the check `data.load_dataset` dispatches on)."""
-  return name == VWW or any(name.startswith(p) and len(name) > len(p) for p in (FOLDER_PREFIX, TFDS_STREAM_PREFIX))
 
 
 def load(name: str, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
@@ -337,26 +331,12 @@ def prefetch(stream, start_step: int = 0, depth: int = 1,
 # Image folders
 
 
-def _size(name: str, image_size) -> tuple[int, int] | None:
-  if image_size is None or image_size == 0:
-    return None
-  size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
-  if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-    raise data.DataError(f"dataset '{name}': image_size must be a positive int or (H, W), got {image_size!r}")
-  return int(size[0]), int(size[1])
-
-
 def _channels(name: str, channels) -> int | None:
   if channels is None or channels == 0:
     return None
   if channels not in (1, 3):
     raise data.DataError(f"dataset '{name}': channels must be 1 (grey) or 3 (RGB), got {channels!r}")
   return int(channels)
-
-
-def _check_fraction(name: str, val_fraction: float) -> None:
-  if not 0.0 < val_fraction < 1.0:
-    raise data.DataError(f"dataset '{name}': val_fraction must be in (0, 1), got {val_fraction}")
 
 
 def _visible_dirs(path: str) -> list[str]:
@@ -423,8 +403,8 @@ def load_folder(path: str, image_size: tuple[int, int] | int | None = None, chan
   `classes` fixes the class names and their order (the sub-directories must be among them).
   """
   name = name or FOLDER_PREFIX + path
-  _check_fraction(name, val_fraction)
-  size, channels = _size(name, image_size), _channels(name, channels)
+  data.check_val_fraction(name, val_fraction)
+  size, channels = data.parse_image_size(name, image_size), _channels(name, channels)
   if not os.path.isdir(path):
     raise data.DataError(f"dataset '{name}': directory {path} does not exist")
   top = _visible_dirs(path)
@@ -549,8 +529,8 @@ def load_tfds_stream(builder_name: str, data_dir: str | None = None,
   """A TFDS image builder prepared as array_record, as a `data.Dataset` of `StreamSplit`s."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # reading needs no TensorFlow
   name = TFDS_STREAM_PREFIX + builder_name
-  _check_fraction(name, val_fraction)
-  size, channels = _size(name, image_size), _channels(name, channels)
+  data.check_val_fraction(name, val_fraction)
+  size, channels = data.parse_image_size(name, image_size), _channels(name, channels)
   if data_dir is not None and not os.path.isdir(data_dir):
     raise data.DataError(f"data_dir {data_dir} does not exist. "
                          + tfds_stream_not_prepared_message(builder_name, data_dir))
