@@ -38,7 +38,6 @@ from experiments import kws
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "random_search.json")
-PLOT = os.path.join(REPO, "benchmarks", "results", "random_search.png")
 ENERGY_BAND = 0.10  # a random network counts at a budget when its predicted energy is within ±10%
 MAX_DRAWS = 200_000
 
@@ -115,13 +114,19 @@ def main() -> None:
   parser.add_argument("--random", type=int, default=8)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--retrain_epochs", type=int, default=0, help="0: the config's")
+  parser.add_argument("--search_epochs", type=int, default=0, help="0: the config's (smoke runs only)")
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "random_search"))
+  parser.add_argument("--out", default=RESULTS, help="results JSON (the plot goes beside it, .png)")
   args = parser.parse_args()
   t0 = time.time()
   config = kws.get_config()
   config.retrain.qat_epochs = 0
   if args.retrain_epochs:
     config.retrain.epochs = args.retrain_epochs
+    config.retrain.warmup_epochs = min(config.retrain.warmup_epochs, args.retrain_epochs // 2)
+  if args.search_epochs:
+    config.search.epochs = args.search_epochs
+    config.search.warmup_epochs = min(config.search.warmup_epochs, args.search_epochs / 2)
   lambdas = sweep_lib.parse_values(args.lambdas, "--lambdas")
   platform = config.cost.platform
   sweep = sweep_lib.run_sweep(config, os.path.join(args.workdir, "sweep"), lambdas, vectorize=True)
@@ -149,12 +154,13 @@ def main() -> None:
                         random_summary=r_stats,
                         searched_beats_random_by_one_std=bool(s_stats["mean"] >= r_stats["mean"] + r_stats["std"])))
   result = dict(config="experiments/kws.py", dataset=config.dataset, platform=platform,
+                search=dict(epochs=config.search.epochs, lambdas=lambdas),
                 retrain=dict(epochs=config.retrain.epochs, qat_epochs=0, batch_size=config.retrain.batch_size),
                 seeds=args.seeds, random_per_budget=args.random, energy_band=ENERGY_BAND, budgets=budgets,
                 wall_s=round(time.time() - t0, 1), cpu_count=os.cpu_count(),
                 load_average_at_end=[round(v, 2) for v in os.getloadavg()])
-  rundir.atomic_write_json(RESULTS, result)
-  plot(budgets, PLOT)
+  rundir.atomic_write_json(args.out, result)
+  plot(budgets, os.path.splitext(args.out)[0] + ".png")
   print(json.dumps([dict(lam=b["lam"], searched=b["searched"]["summary"], random=b["random_summary"],
                          beats=b["searched_beats_random_by_one_std"]) for b in budgets], indent=1))
 
