@@ -70,19 +70,21 @@ def _price(platform: platform_lib.Platform, specs: Sequence[ops_lib.OpSpec], fea
   return out
 
 
-def _instructions(platform: platform_lib.Platform, specs, feats) -> np.ndarray | None:
-  """Predicted instructions per operator on the platform's emulated target (None for the host)."""
-  coefs = platform.regressor.get("instructions")
+def _counted(platform: platform_lib.Platform, specs, feats, quantity: str) -> np.ndarray | None:
+  """Predicted instructions or flash data reads per operator on the platform's emulated target (None for the
+  host, or a profile fitted before the quantity was)."""
+  coefs = platform.regressor.get(quantity)
   if not coefs or any(s.op not in coefs for s in specs):
     return None
   op_index = jnp.asarray([regressor_lib.regime_index(s.op, s.kernel) for s in specs])
-  matrix = regressor_lib.coefficient_matrix(platform.coefficients("instructions"))
+  matrix = regressor_lib.coefficient_matrix(platform.coefficients(quantity))
   return np.asarray(regressor_lib.predict(matrix, op_index, jnp.asarray(feats, jnp.float32)), np.float64)
 
 
 def _report(platform, model_name, specs, feats, nominal_macs, memory, rate_hz, battery_mwh) -> dict:
   latency, energy = _price(platform, specs, feats)
-  instructions = _instructions(platform, specs, feats)
+  instructions = _counted(platform, specs, feats, "instructions")
+  flash_reads = _counted(platform, specs, feats, "flash_reads")
   clock_khz = platform.clock_mhz * 1e3
   operators, flags = [], []
   for i, (s, f) in enumerate(zip(specs, feats)):
@@ -93,12 +95,14 @@ def _report(platform, model_name, specs, feats, nominal_macs, memory, rate_hz, b
                           executed_macs=float(f[0]), latency_ms=float(latency[i]), energy_uj=float(energy[i]),
                           cycles=float(latency[i] * clock_khz),
                           instructions=None if instructions is None else float(instructions[i]),
+                          flash_reads=None if flash_reads is None else float(flash_reads[i]),
                           out_of_range=op_flags))
   total_latency, total_energy = float(latency.sum()), float(energy.sum())
   report = dict(
       version=REPORT_VERSION, platform=platform.name, model=model_name, latency_ms=total_latency,
       energy_uj=total_energy, cycles=total_latency * clock_khz,
       instructions=None if instructions is None else float(instructions.sum()),
+      flash_reads=None if flash_reads is None else float(flash_reads.sum()),
       target=platform.target, macs=int(sum(nominal_macs)), peak_sram_bytes=int(memory["peak_sram_bytes"]),
       flash_bytes=int(memory["flash_bytes"]), weight_bytes=int(memory["weight_bytes"]),
       graph_overhead_bytes=int(memory["graph_overhead_bytes"]), sram_budget_bytes=platform.sram_bytes,

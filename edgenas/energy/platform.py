@@ -19,10 +19,13 @@ PLATFORM_VERSION = 1
 PLATFORMS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platforms")
 DEFAULT_PLATFORM = "stm32l4r5_tflm"
 QUANTITIES = ("latency_ms", "energy_uj")
-# Fitted only for platforms built on an emulated target: instructions per operator, from its counts table.
-OPTIONAL_QUANTITIES = ("instructions",)
+# Fitted only for platforms built on an emulated target: instructions and flash data reads per operator, from its
+# counts table (flash reads price the wait states of another operating point: edgenas.energy.operating).
+OPTIONAL_QUANTITIES = ("instructions", "flash_reads")
 # Figures that must each name their source.
 SOURCED_FIELDS = ("clock_mhz", "sram_bytes", "flash_bytes", "static_mw", "active_mw", "lut")
+# Each operating point's figures, each with its own source (edgenas.energy.operating).
+POINT_FIELDS = ("clock_mhz", "voltage_v", "flash_wait_states", "active_mw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Platform:
   target: str | None = None
   # edgenas.energy.cycles: {flash_wait_states, flash_miss_fraction, core_timing, scale, sources}; empty for the host
   cycle_model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Clock / core-voltage choices, as written in the profile (validated); edgenas.energy.operating reads them.
+  operating_points: tuple = ()
 
   @property
   def lut_path(self) -> str:
@@ -67,9 +72,11 @@ class Platform:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d.pop("path")
-    for optional in ("target", "cycle_model"):
+    for optional in ("target", "cycle_model", "operating_points"):
       if not d[optional]:
         d.pop(optional)
+    if "operating_points" in d:
+      d["operating_points"] = [dict(p) for p in self.operating_points]
     d["sources"] = dict(self.sources)
     return {"version": PLATFORM_VERSION, **d}
 
@@ -146,14 +153,65 @@ def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platfo
   clock = need("clock_mhz", float)
   if clock <= 0:
     raise EnergyModelError(f"{path}: field 'clock_mhz' must be positive, got {clock}")
+  name, active_mw = need("name", str), need("active_mw", float)
+  cycle_model = _cycle_model_field(d, path)
   return Platform(
-      name=need("name", str), description=str(d.get("description", "")), core=need("core", str),
+      name=name, description=str(d.get("description", "")), core=need("core", str),
       isa=need("isa", str), clock_mhz=clock, sram_bytes=need("sram_bytes", int),
       flash_bytes=need("flash_bytes", int), static_mw=need("static_mw", float),
-      active_mw=need("active_mw", float), runtime=need("runtime", str), lut=need("lut", str),
+      active_mw=active_mw, runtime=need("runtime", str), lut=need("lut", str),
       sources=dict(sources), regressor=regressor, fit_quality=d.get("fit_quality", {}) or {},
       calibration=d.get("calibration", {}) or {}, path=path, target=_target_field(d, path),
-      cycle_model=_cycle_model_field(d, path))
+      cycle_model=cycle_model,
+      operating_points=_operating_points_field(d, path, name, clock, active_mw, cycle_model))
+
+
+def _operating_points_field(d: Mapping[str, Any], path: str, name: str, clock: float, active_mw: float,
+                            cycle_model: Mapping[str, Any]) -> tuple:
+  """The optional `operating_points` list, every figure checked and sourced; one must be the nominal point."""
+  points = d.get("operating_points")
+  if points is None:
+    return ()
+  if not isinstance(points, list) or not points:
+    raise EnergyModelError(f"{path}: field 'operating_points' must be a non-empty list of objects")
+  seen = set()
+  for i, point in enumerate(points):
+    where = f"{path}: field 'operating_points[{i}]'"
+    if not isinstance(point, Mapping):
+      raise EnergyModelError(f"{where} must be an object")
+    label = point.get("name")
+    if not isinstance(label, str) or not label.strip():
+      raise EnergyModelError(f"{where}.name must be a non-empty string, got {label!r}")
+    if label in seen:
+      raise EnergyModelError(f"{where}.name {label!r} is given twice; point names must be unique")
+    seen.add(label)
+    where = f"{path}: platform {name}, operating point {label!r}"
+    for key in POINT_FIELDS:
+      v = point.get(key)
+      if key == "flash_wait_states":
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+          raise EnergyModelError(f"{where}: field '{key}' must be an integer >= 0, got {v!r}")
+      elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise EnergyModelError(f"{where}: field '{key}' must be a finite number > 0, got {v!r}")
+    if "voltage_range" in point and not isinstance(point["voltage_range"], str):
+      raise EnergyModelError(f"{where}: field 'voltage_range' must be a string, got {point['voltage_range']!r}")
+    sources = point.get("sources")
+    if not isinstance(sources, Mapping):
+      raise EnergyModelError(f"{where}: field 'sources' is missing; every figure needs its provenance")
+    for key in POINT_FIELDS:
+      if not str(sources.get(key, "")).strip():
+        raise EnergyModelError(f"{where}: no source for '{key}' (field 'sources.{key}'); every figure needs its "
+                               "provenance")
+  nominal_ws = cycle_model.get("flash_wait_states", 0)
+  if not any(_close(p["clock_mhz"], clock) and p["flash_wait_states"] == nominal_ws and
+             _close(p["active_mw"], active_mw) for p in points):
+    raise EnergyModelError(f"{path}: field 'operating_points' lacks the profile's nominal point (clock_mhz {clock:g}, "
+                           f"cycle_model.flash_wait_states {nominal_ws:g}, active_mw {active_mw:g}); list it")
+  return tuple(dict(p) for p in points)
+
+
+def _close(a: float, b: float) -> bool:
+  return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
 def _cycle_model_field(d: Mapping[str, Any], path: str) -> dict:

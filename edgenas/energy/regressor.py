@@ -197,12 +197,14 @@ def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_li
     quality[quantity] = kfold_quality(rows, quantity, folds)
   if platform.target:
     from edgenas.energy import counts as counts_lib
-    # Instructions per operator, from the target's own counts (the LUT's latency column carries them here).
-    counted = [lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups,
-                              float(r.instructions), 0.0, 1, 0.0, r.source)
-               for r in counts_lib.load_counts(counts_lib.counts_path(platform.target))]
-    regressor["instructions"] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(counted).items()}
-    quality["instructions"] = dict(kfold_quality(counted, "latency_ms", folds), quantity="instructions")
+    counts = counts_lib.load_counts(counts_lib.counts_path(platform.target))
+    # Instructions and flash data reads per operator, from the target's own counts (the LUT's latency column
+    # carries each count here); flash reads price the wait states of other operating points.
+    for quantity in platform_lib.OPTIONAL_QUANTITIES:
+      counted = [lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups,
+                                float(getattr(r, quantity)), 0.0, 1, 0.0, r.source) for r in counts]
+      regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(counted).items()}
+      quality[quantity] = dict(kfold_quality(counted, "latency_ms", folds), quantity=quantity)
   nominal = kfold_quality(rows, "latency_ms", folds, feature_fn=_nominal_features)
   quality["latency_ms_with_contract_features"] = {
       k: nominal[k] for k in ("r2", "r2_log", "mape_pct", "mape_pct_upper_half")}
