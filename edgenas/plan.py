@@ -344,7 +344,8 @@ def crossover(power_a: Sequence[float], power_b: Sequence[float], events_per_hou
 
 
 def plan(network_paths: Sequence[str], platform_name: str, positive: str, setting: Setting, *,
-         min_recall: float = 0.95, min_precision: float = 0.0, out_dir: str, nominal_only: bool = False) -> dict:
+         min_recall: float = 0.95, min_precision: float = 0.0, max_false_alarms_per_hour: float | None = None,
+         out_dir: str, nominal_only: bool = False) -> dict:
   """Every single model and every two-stage cascade (cheaper stage first), calibrated, measured and priced."""
   from edgenas import data as data_lib  # pylint: disable=g-import-not-at-top
   from edgenas.energy import operating  # pylint: disable=g-import-not-at-top
@@ -376,8 +377,10 @@ def plan(network_paths: Sequence[str], platform_name: str, positive: str, settin
                       f"{dataset.name} has {dataset.num_classes} classes: a different label set")
   t_eval = time.time()
   costs = {n.name: stage_costs(platform, points, n) for n in networks}
+  if max_false_alarms_per_hour is not None and not max_false_alarms_per_hour >= 0:
+    raise PlanError(f"--max_false_alarms_per_hour must be >= 0, got {max_false_alarms_per_hour}")
   options = _options(networks, outputs, costs, dataset, pos_index, platform, points, setting, min_recall,
-                     min_precision)
+                     min_precision, max_false_alarms_per_hour)
   t_plan = time.time()
   result = dict(
       version=PLAN_VERSION, platform=platform.name, dataset=dataset.name, labels=labels,
@@ -385,6 +388,7 @@ def plan(network_paths: Sequence[str], platform_name: str, positive: str, settin
       setting=dict(frame_rate_hz=setting.frame_rate_hz, frames_per_event=setting.frames_per_event,
                    events_per_hour=list(setting.events_per_hour), deadline_ms=setting.deadline,
                    battery_mwh=setting.battery_mwh, min_recall=min_recall, min_precision=min_precision,
+                   max_false_alarms_per_hour=max_false_alarms_per_hour,
                    static_mw=platform.static_mw),
       networks=[dict(name=n.name, export_dir=n.export_dir, tflite=n.tflite, arch_hash=n.arch_hash,
                      costs=costs[n.name]) for n in networks],
@@ -398,7 +402,8 @@ def plan(network_paths: Sequence[str], platform_name: str, positive: str, settin
   return result
 
 
-def _options(networks, outputs, costs, dataset, pos_index, platform, points, setting, min_recall, min_precision):
+def _options(networks, outputs, costs, dataset, pos_index, platform, points, setting, min_recall, min_precision,
+             max_false_alarms_per_hour):
   from edgenas.energy import operating  # pylint: disable=g-import-not-at-top
   from edgenas.energy.errors import EnergyModelError  # pylint: disable=g-import-not-at-top
   val_pos = np.asarray(dataset.val.labels) == pos_index
@@ -436,6 +441,8 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
     for name, t in zip(stages, thresholds):
       val_fires &= score[name]["val"] >= t
     val_precision = float(np.sum(val_fires & val_pos) / max(1, np.sum(val_fires)))
+    # False alarms per hour the validation split predicts (events are rare: nearly every frame is negative)
+    val_false_alarms = 3600.0 * setting.frame_rate_hz * float(np.mean(val_fires[~val_pos]))
     rates = detection_rates(fires_test, stage1_test, test_pos)
 
     def at_point(point, stages=stages, rates=rates):
@@ -460,11 +467,15 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
     s1 = next(c for c in costs[stages[0]] if c["point"] == chosen.name)
     s2 = next(c for c in costs[stages[1]] if c["point"] == chosen.name) if len(stages) == 2 else None
     power = option_power(setting, platform.static_mw, s1, s2, rates, setting.events_per_hour)
-    meets = val_precision >= min_precision
+    why = []
+    if val_precision < min_precision:
+      why.append(f"validation precision {val_precision:.3f} < {min_precision}")
+    if max_false_alarms_per_hour is not None and val_false_alarms > max_false_alarms_per_hour:
+      why.append(f"{val_false_alarms:.0f} false alarms/hour on validation > {max_false_alarms_per_hour:g}")
     option = dict(
-        name=name, kind=kind, stages=list(stages), feasible=bool(meets),
-        why=None if meets else f"validation precision {val_precision:.3f} < {min_precision}",
-        thresholds_q=thresholds, calibration=dict(calibration, precision=val_precision), test=rates,
+        name=name, kind=kind, stages=list(stages), feasible=not why, why="; ".join(why) or None,
+        thresholds_q=thresholds, calibration=dict(calibration, precision=val_precision,
+                                                  false_alarms_per_hour=val_false_alarms), test=rates,
         operating_point=chosen.name, operating_points=table,
         latency_ms=s1["latency_ms"] + (s2["latency_ms"] if s2 else 0.0),
         energy_uj=dict(stage1=s1["energy_uj"], stage2=s2["energy_uj"] if s2 else None),
@@ -515,7 +526,7 @@ def _recommend(options: list[dict], setting: Setting, positive_label: str) -> di
 
 
 def _deployment(result: dict, networks: Sequence[Network]) -> dict:
-  """What `launch.export --plan` builds: the recommended option's stages with their int8 thresholds."""
+  """The recommended option's stages with their int8 thresholds: what a device program of the plan runs."""
   option = next(o for o in result["options"] if o["name"] == result["recommended"])
   by_name = {n.name: n for n in networks}
   stages = []
@@ -585,7 +596,9 @@ def report_markdown(result: dict) -> str:
   rec = by_name[result["recommended"]]
   lines = [f"# Deployment plan: {result['positive']['label']!r} detector on {result['platform']}", "",
            f"{s['frame_rate_hz']:g} frames/s, {e[0]:g}–{e[-1]:g} events per hour, recall ≥ {s['min_recall']:.0%} "
-           f"(calibrated on the validation split, measured on the test split), deadline {s['deadline_ms']:g} ms.",
+           f"(calibrated on the validation split, measured on the test split), deadline {s['deadline_ms']:g} ms"
+           + (f", at most {s['max_false_alarms_per_hour']:g} false alarms/hour (validation)."
+              if s.get("max_false_alarms_per_hour") is not None else "."),
            "", "## Recommendation", "",
            f"**{rec['name']}** at operating point **{rec['operating_point']}** "
            f"(best at {result['recommended_at_events_per_hour']:.3g} events/hour, the middle of the range): "
@@ -609,6 +622,10 @@ def report_markdown(result: dict) -> str:
   for o in sorted(result["options"], key=lambda o: o.get("solution_power_mw", [math.inf])[0]):
     if not o["feasible"] and "test" not in o:
       lines.append(f"| {o['name']} | – | – | – | – | – | – | – | {o['why']} | |")
+      continue
+    if not o["feasible"]:
+      lines.append(f"| {o['name']} | {o['operating_point']} | – | – | – | {o['test']['recall']:.3f} | – | "
+                   f"{o['false_alarms_per_hour'][0]:.1f} | not eligible: {o['why']} | |")
       continue
     e2 = o["energy_uj"]["stage2"]
     lines.append(f"| {o['name']} | {o['operating_point']} | {o['latency_ms']:.1f} | {o['energy_uj']['stage1']:.0f} | "

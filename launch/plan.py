@@ -7,8 +7,8 @@
 network and the baselines) or sweep workdirs (every retrained member). The positive class is one label (a keyword);
 every other class is negative. Frames: --window_s long every --hop_s (1 s windows with 50% overlap by default).
 Writes plan.json, plan.png (solution power against events per hour, crossovers marked) and plan.md (the
-recommendation and why) into --out_dir; `python -m launch.export --plan=OUT_DIR/plan.json` builds the recommended
-deployment as one device program.
+recommendation and why) into --out_dir; plan.json's `deployment` names the recommended stages, their int8
+thresholds and operating point.
 """
 from absl import flags
 
@@ -24,6 +24,8 @@ _EVENTS = flags.DEFINE_string("events_per_hour", "0.1:100:50", "Event rates: LOW
 _FRAMES_PER_EVENT = flags.DEFINE_float("frames_per_event", 1.0, "Frames an event is positive in.")
 _RECALL = flags.DEFINE_float("min_recall", 0.95, "Recall the detector must reach on the positive class.")
 _PRECISION = flags.DEFINE_float("min_precision", 0.0, "Validation precision an option must reach (0: none).")
+_FALSE_ALARMS = flags.DEFINE_float("max_false_alarms_per_hour", None, "False alarms per hour an option may raise "
+                                   "(judged on the validation split; default: no limit).")
 _BATTERY = flags.DEFINE_float("battery_mwh", None, "Battery capacity (mWh), for the battery life.")
 _DEADLINE = flags.DEFINE_float("deadline_ms", None, "Latency of both stages back to back (default: the hop).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where plan.json, plan.png and plan.md go.", required=True)
@@ -59,7 +61,8 @@ def main(argv):
   with common.workdir_lock(_OUT_DIR.value):
     common.setup_process()
     result = plan_lib.plan(_NETWORKS.value, _PLATFORM.value, _POSITIVE.value, setting, min_recall=_RECALL.value,
-                           min_precision=_PRECISION.value, out_dir=_OUT_DIR.value)
+                           min_precision=_PRECISION.value, max_false_alarms_per_hour=_FALSE_ALARMS.value,
+                           out_dir=_OUT_DIR.value)
     files = plan_lib.write_plan(result, _OUT_DIR.value)
   print(plan_lib.report_markdown(result).split("## Options")[0].strip())
   print(f"planned {len(result['options'])} options in {result['seconds']['plan']:.2f} s "
