@@ -111,16 +111,14 @@ def _export_dirs(path: str) -> list[str]:
   found = []
   if os.path.isdir(os.path.join(path, "retrain")):  # a pipeline workdir
     found += _export_dirs(os.path.join(path, "retrain"))
-    base = os.path.join(path, sweep_lib.BASELINES_DIR)
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-      found += _export_dirs(os.path.join(base, name))
   members = os.path.join(path, "members")
   if os.path.isdir(members):  # a sweep workdir
     for m in sorted(os.listdir(members)):
       if os.path.isdir(os.path.join(members, m, sweep_lib.RETRAIN_DIR)):
         found += _export_dirs(os.path.join(members, m, sweep_lib.RETRAIN_DIR))
-    base = os.path.join(path, sweep_lib.BASELINES_DIR)
-    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+  base = os.path.join(path, sweep_lib.BASELINES_DIR)  # both keep their baselines here
+  if found and os.path.isdir(base):
+    for name in sorted(os.listdir(base)):
       found += _export_dirs(os.path.join(base, name))
   if not found:
     raise PlanError(f"network {path}: not an export dir (model.tflite + report.json), a retrain workdir, a "
@@ -257,7 +255,7 @@ def calibrate_cascade(pos_a, neg_a, pos_b, neg_b, min_recall: float, max_false_a
   detections, the one whose stage A fires least often on negatives; the fewest false detections when none has."""
   tp = _survival_2d(pos_a, pos_b) / max(1, len(pos_a))
   fp = _survival_2d(neg_a, neg_b)
-  a_fires = _survival(neg_a)[:, None] + np.zeros((1, LEVELS), np.int64)
+  a_fires = np.broadcast_to(_survival(neg_a)[:, None], (LEVELS, LEVELS))
   feasible = tp >= min_recall - 1e-12
   strict = feasible & (fp <= max_false_alarms)
   if strict.any():
@@ -321,7 +319,7 @@ def option_power(setting: Setting, static_mw: float, stage1: dict, stage2: dict 
   """Solution power (mW) over event rates; `rates`: the test split's stage-1 recall and false-trigger rate."""
   f = setting.frame_rate_hz
   p = setting.positive_fraction(events_per_hour)
-  power = static_mw + f * stage1["energy_uj"] / 1e3 + 0 * p
+  power = np.full_like(p, static_mw + f * stage1["energy_uj"] / 1e3)
   if stage2 is not None:
     trigger = p * rates["stage1_recall"] + (1 - p) * rates["stage1_false_trigger_rate"]
     power = power + f * trigger * stage2["energy_uj"] / 1e3
@@ -416,6 +414,7 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
   for n in networks:
     t, val = calibrate_single(score[n.name]["val"][val_pos], score[n.name]["val"][~val_pos], min_recall)
     singles[n.name] = (t, val)
+  by_point = {name: {c["point"]: c for c in rows} for name, rows in costs.items()}
   cheapest = {n.name: min(c["energy_uj"] for c in costs[n.name]) for n in networks}
   candidates = [(n.name,) for n in networks]  # and every pair with the cheaper network first
   candidates += [(a.name, b.name) for a, b in itertools.permutations(networks, 2)
@@ -446,10 +445,9 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
     rates = detection_rates(fires_test, stage1_test, test_pos)
 
     def at_point(point, stages=stages, rates=rates):
-      if not any(c["point"] == point.name for c in costs[stages[0]]):
+      if point.name not in by_point[stages[0]]:
         return math.inf, math.inf  # a point left out (nominal_only)
-      s1 = next(c for c in costs[stages[0]] if c["point"] == point.name)
-      s2 = next(c for c in costs[stages[1]] if c["point"] == point.name) if len(stages) == 2 else None
+      s1, s2 = _stage_costs_at(by_point, stages, point.name)
       latency = s1["latency_ms"] + (s2["latency_ms"] if s2 else 0.0)
       duty = setting.frame_rate_hz * latency / 1e3  # worst case: every frame runs both stages
       if duty > 1:
@@ -464,8 +462,7 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
     except EnergyModelError as e:
       options.append(dict(name=name, kind=kind, stages=list(stages), feasible=False, why=str(e)))
       continue
-    s1 = next(c for c in costs[stages[0]] if c["point"] == chosen.name)
-    s2 = next(c for c in costs[stages[1]] if c["point"] == chosen.name) if len(stages) == 2 else None
+    s1, s2 = _stage_costs_at(by_point, stages, chosen.name)
     power = option_power(setting, platform.static_mw, s1, s2, rates, setting.events_per_hour)
     why = []
     if val_precision < min_precision:
@@ -485,6 +482,11 @@ def _options(networks, outputs, costs, dataset, pos_index, platform, points, set
       option["battery_life_days"] = [float(setting.battery_mwh / x / 24) for x in power]
     options.append(option)
   return options
+
+
+def _stage_costs_at(by_point: Mapping, stages: Sequence[str], point: str) -> tuple[dict, dict | None]:
+  """(stage 1's, stage 2's or None) latency and energy at one operating point."""
+  return by_point[stages[0]][point], by_point[stages[1]][point] if len(stages) == 2 else None
 
 
 def _false_alarms_per_hour(setting: Setting, rates: dict) -> np.ndarray:
@@ -532,9 +534,8 @@ def _deployment(result: dict, networks: Sequence[Network]) -> dict:
   stages = []
   for name, t in zip(option["stages"], option["thresholds_q"]):
     n = by_name[name]
-    with open(n.tflite, "rb") as f:
-      from edgenas.export import verify  # pylint: disable=g-import-not-at-top
-      scale, zp = verify.TflmRunner(f.read()).output_qparams
+    q = rundir.read_json(os.path.join(n.export_dir, EXPORT_REPORT))["quantization"]["output"]
+    scale, zp = q["scale"], q["zero_point"]
     stages.append(dict(name=name, tflite=n.tflite, threshold_q=int(t), threshold=float((t - zp) * scale)))
   return dict(kind=option["kind"], positive_index=result["positive"]["index"],
               positive_label=result["positive"]["label"], stages=stages, operating_point=option["operating_point"],

@@ -47,13 +47,8 @@ def _miss_fraction(platform: platform_lib.Platform) -> float:
   return float(platform.cycle_model.get("flash_miss_fraction", 0.0))
 
 
-def _close(a: float, b: float) -> bool:
-  return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
-
-
 def _is_nominal(platform: platform_lib.Platform, p: Mapping) -> bool:
-  return (_close(float(p["clock_mhz"]), platform.clock_mhz) and int(p["flash_wait_states"]) == _nominal_ws(platform)
-          and _close(float(p["active_mw"]), platform.active_mw))
+  return platform_lib.is_nominal_point(p, platform.clock_mhz, _nominal_ws(platform), platform.active_mw)
 
 
 def points(platform: platform_lib.Platform) -> list[OperatingPoint]:

@@ -203,15 +203,18 @@ def _operating_points_field(d: Mapping[str, Any], path: str, name: str, clock: f
         raise EnergyModelError(f"{where}: no source for '{key}' (field 'sources.{key}'); every figure needs its "
                                "provenance")
   nominal_ws = cycle_model.get("flash_wait_states", 0)
-  if not any(_close(p["clock_mhz"], clock) and p["flash_wait_states"] == nominal_ws and
-             _close(p["active_mw"], active_mw) for p in points):
+  if not any(is_nominal_point(p, clock, nominal_ws, active_mw) for p in points):
     raise EnergyModelError(f"{path}: field 'operating_points' lacks the profile's nominal point (clock_mhz {clock:g}, "
                            f"cycle_model.flash_wait_states {nominal_ws:g}, active_mw {active_mw:g}); list it")
   return tuple(dict(p) for p in points)
 
 
-def _close(a: float, b: float) -> bool:
-  return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+def is_nominal_point(point: Mapping[str, Any], clock_mhz: float, flash_wait_states: float, active_mw: float) -> bool:
+  """Whether an operating point is the profile's own clock, wait states and active power (where it was fitted)."""
+  def close(a, b):
+    return abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), abs(float(b)))
+  return (close(point["clock_mhz"], clock_mhz) and int(point["flash_wait_states"]) == int(round(flash_wait_states))
+          and close(point["active_mw"], active_mw))
 
 
 def _cycle_model_field(d: Mapping[str, Any], path: str) -> dict:
