@@ -389,7 +389,7 @@ def plan(network_paths: Sequence[str], platform_name: str, positive: str, settin
                    max_false_alarms_per_hour=max_false_alarms_per_hour,
                    static_mw=platform.static_mw),
       networks=[dict(name=n.name, export_dir=n.export_dir, tflite=n.tflite, arch_hash=n.arch_hash,
-                     costs=costs[n.name]) for n in networks],
+                     sha256=n.sha256, costs=costs[n.name]) for n in networks],
       operating_points=[dataclasses.asdict(p) for p in points],
       options=options)
   result.update(_recommend(options, setting, labels[pos_index]))
@@ -536,7 +536,8 @@ def _deployment(result: dict, networks: Sequence[Network]) -> dict:
     n = by_name[name]
     q = rundir.read_json(os.path.join(n.export_dir, EXPORT_REPORT))["quantization"]["output"]
     scale, zp = q["scale"], q["zero_point"]
-    stages.append(dict(name=name, tflite=n.tflite, threshold_q=int(t), threshold=float((t - zp) * scale)))
+    stages.append(dict(name=name, tflite=n.tflite, threshold_q=int(t), threshold=float((t - zp) * scale),
+                       sha256=n.sha256))
   return dict(kind=option["kind"], positive_index=result["positive"]["index"],
               positive_label=result["positive"]["label"], stages=stages, operating_point=option["operating_point"],
               data_config=networks[0].config)

@@ -186,3 +186,93 @@ def test_launcher_writes_the_plan_quickly_and_refuses_bad_input(workdirs, tmp_pa
   os.symlink(os.path.join(workdirs[0], "export"), other / "export")
   line = refused("--positive=3", networks=[workdirs[1], str(other)])
   assert "different data" in line and "data_seed" in line
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan deployed: one device program, stage 2 only when stage 1 fires (edgenas.export.cascade)
+
+
+@pytest.fixture(scope="module")
+def plan_dir(planned):
+  result, out = planned
+  plan_lib.write_plan(result, out)
+  return out
+
+
+def _a_cascade(result):
+  return next(o for o in result["options"] if o["kind"] == "cascade" and o.get("thresholds_q"))
+
+
+def test_cascade_program_on_cortex_m4_matches_the_host_frame_by_frame(planned, plan_dir, dataset, tmp_path):
+  from edgenas.device import errors as device_errors
+  from edgenas.export import cascade
+  result, _ = planned
+  option = _a_cascade(result)
+  out = str(tmp_path / "cascade")
+  report = cascade.export_plan(plan_dir, out, ["cortex-m4"], frames=12, option=option["name"])
+  for name in ("main.cc", "model_data.cc", "model_data.h", "model_ops.h", "Makefile.cortex_m", "stage1.tflite",
+               "stage2.tflite"):
+    assert os.path.isfile(os.path.join(out, name)), name
+  # The frames' decisions recomputed here from the two exported models in the host's TFLite Micro interpreter.
+  index = np.asarray(report["frames"]["test_indices"])
+  images = dataset.test.images[index]
+  scores = []
+  for stage in option["stages"]:
+    with open(next(n["tflite"] for n in result["networks"] if n["name"] == stage), "rb") as f:
+      runner = verify.TflmRunner(f.read())
+    scores.append(runner.run_int8(runner.quantize_input(images))[:, 3].astype(int))
+  t1, t2 = option["thresholds_q"]
+  fired = scores[0] >= t1
+  assert report["frames"]["stages_run"] == [2 if f else 1 for f in fired]
+  assert report["frames"]["detected"] == [int(f and s >= t2) for f, s in zip(fired, scores[1])]
+  assert 0 < fired.sum() < len(index)  # both branches of the detector run
+  t = report["targets"]["cortex-m4"]
+  assert t["matches_host"] and t["frames_matching"] == t["frames_checked"] == 12
+  assert t["stage2_runs"] == int(fired.sum()) and t["detections"] == sum(report["frames"]["detected"])
+  small, large = t["instructions_per_stage"]
+  assert 0 < small < large  # the cheaper network runs first
+  assert t["instructions_per_frame"]["min"] < small + large <= t["instructions_per_frame"]["max"]
+  assert all(a > 0 for a in t["arena_used_bytes"])
+
+  # A host reference that differs in one byte is caught and named.
+  data = os.path.join(out, "model_data.cc")
+  text = open(data).read()
+  head, rows = text.split("g_edgenas_expected_outputs", 1)
+  body_start = rows.index("{{") + 2
+  value_end = rows.index(",", body_start)
+  value = int(rows[body_start:value_end])
+  rows = rows[:body_start] + str(value + 1 if value < 127 else value - 1) + rows[value_end:]
+  open(data, "w").write(head + "g_edgenas_expected_outputs" + rows)
+  with pytest.raises(device_errors.MismatchError, match="frame 0 differs .* stage1_output0"):
+    cascade.run_plan_target(out, "cortex-m4")
+
+
+def test_launcher_exports_the_recommended_plan_and_refuses_a_bad_one(planned, plan_dir, tmp_path):
+  result, _ = planned
+  out = tmp_path / "recommended"
+  cmd = [sys.executable, "-m", "launch.export", f"--plan={plan_dir}", f"--out_dir={out}", "--targets=none",
+         "--plan_frames=4"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((out / "report.json").read_text())
+  assert report["option"] == result["recommended"] and len(report["frames"]["test_indices"]) == 4
+  assert [s["threshold_q"] for s in report["stages"]] == [s["threshold_q"] for s in result["deployment"]["stages"]]
+  assert f"EDGENAS_NUM_STAGES {len(report['stages'])}" in (out / "model_data.h").read_text()
+
+  def refused(plan_json):
+    bad = tmp_path / "bad_plan"
+    bad.mkdir(exist_ok=True)
+    (bad / "plan.json").write_text(json.dumps(plan_json))
+    p = subprocess.run([sys.executable, "-m", "launch.export", f"--plan={bad}", "--targets=none"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    return lines[0]
+
+  assert "no deployment section" in refused({"version": 1})
+  stages = [dict(s, sha256="0" * 64) for s in result["deployment"]["stages"]]
+  assert "changed since it was planned" in refused(dict(result, deployment=dict(result["deployment"],
+                                                                                stages=stages)))
+  assert "not an int8 level" in refused(dict(result, deployment=dict(result["deployment"], stages=[
+      dict(s, threshold_q=300) for s in result["deployment"]["stages"]])))
