@@ -17,6 +17,9 @@ positive class, every other class (other keywords, unknown words, silence) negat
 2. Clock choice: the same plan on every MCU platform at several deadlines, once over all the platform's operating
    points and once at its nominal clock only; where the recommendation (option or clock) changes.
 3. Planning time over all the networks and 50 event rates once their outputs are cached.
+4. The recommended deployment exported as one device program (`launch.export --plan`, edgenas.export.cascade)
+   and run on the default platform's emulated core: every stage output of `--device_frames` test frames, the
+   stages run and the detections checked against the host TFLite Micro, instructions per stage counted.
 
 Writes benchmarks/results/plan_kws.json and plan_kws.png (the default platform's plot).
 """
@@ -71,6 +74,7 @@ def main() -> None:
   parser.add_argument("--positive", default="yes")
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "plan_kws"))
   parser.add_argument("--out", default=RESULTS)
+  parser.add_argument("--device_frames", type=int, default=24, help="test frames the device program checks")
   args = parser.parse_args()
   t0 = time.time()
   networks = [p for p in args.networks.split(",") if p.strip()]
@@ -111,6 +115,18 @@ def main() -> None:
       say(f"{platform} deadline {deadline:g} ms: {a.get('recommended', a.get('error'))} @ "
           f"{a.get('operating_point')} vs nominal clock {n.get('recommended', n.get('error'))}")
 
+  from edgenas.energy import platform as platform_lib  # pylint: disable=g-import-not-at-top
+  from edgenas.export import cascade  # pylint: disable=g-import-not-at-top
+  target = platform_lib.load_platform(PLATFORMS[0]).target
+  deployed = cascade.export_plan(os.path.join(args.workdir, PLATFORMS[0]), targets=[target],
+                                 frames=args.device_frames)
+  on_target = deployed["targets"][target]
+  device = dict(option=deployed["option"], target=target, program=os.path.relpath(
+      os.path.join(args.workdir, PLATFORMS[0], cascade.CASCADE_DIR), REPO),
+      **{k: on_target[k] for k in ("matches_host", "frames_checked", "frames_matching", "stage2_runs", "detections",
+                                   "instructions_per_stage", "instructions_per_frame", "arena_used_bytes",
+                                   "at_plan_trigger_rate", "elf", "seconds") if k in on_target})
+
   out = dict(
       task="wake word on the embedded KWS set", positive=args.positive, min_recall=0.95,
       max_false_alarms_per_hour=dict(value=cap, rule="the best single model's, on the validation split"),
@@ -129,6 +145,7 @@ def main() -> None:
                                           else None)
                                      for o in result["options"]]),
       clock_choice=clock,
+      device=device,
       planning=dict(networks=len(result["networks"]), options=len(result["options"]),
                     event_rates=len(setting.events_per_hour), seconds=round(planning_s, 2),
                     note="outputs cached; includes loading the dataset and pricing every network at every point"),
@@ -137,6 +154,7 @@ def main() -> None:
   rundir.atomic_write_json(args.out, out)
   shutil.copyfile(files["plot"], os.path.splitext(args.out)[0] + ".png")
   print(json.dumps(dict(default=out["default_platform"]["recommended"], planning_s=out["planning"]["seconds"],
+                        device=f"{device['frames_matching']}/{device['frames_checked']} frames on {target}",
                         clock_changes=[(r["platform"], r["deadline_ms"]) for r in clock
                                        if r["clock_choice_changes_recommendation"]]), indent=1))
 

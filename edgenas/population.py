@@ -224,12 +224,19 @@ def _finish(configs, workdirs, space, obj, plan, steps: PopulationSteps, state, 
   val_acc = steps.accuracy(state, dataset.val, s.batch_size)
   test_acc = steps.accuracy(state, dataset.test, s.batch_size)
   arch_params = steps.host_arch(state)
+  members = [jax.tree.map(lambda x, i=i: x[i], arch_params) for i in range(k)]
+
+  def accuracy(gates):  # every member's validation accuracy with these gate logits, in one pass per batch
+    padded = np.concatenate([gates, np.repeat(gates[-1:], steps.size - k, axis=0)])
+    arch = dict(state.arch, gate=_pop_array(padded.astype(np.float32), steps.pop))
+    return steps.accuracy(state.replace(arch=arch), dataset.val, s.batch_size)[:k]
+  closure = search_lib.gate_closure(space, members, accuracy)
   results = []
   for i, (config, workdir) in enumerate(zip(configs, workdirs)):
-    member_arch = jax.tree.map(lambda x: x[i], arch_params)
+    member_arch = members[i]
     arch = supernet_lib.derive(space, member_arch, s.relaxation, name=config.get("name", ""))
     result = dict(
-        arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=float(val_acc[i]),
+        arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=float(val_acc[i]), gate_closure=closure[i],
         test_acc_supernet=float(test_acc[i]), expected_cost=float(obj.expected_cost(member_arch)),
         derived_cost=float(cost_lib.architecture_cost(obj.op_cost, arch)), cost_model=plan["cost_model"],
         cost_ref=plan["cost_ref"], steps=plan["total"], relaxation=s.relaxation,

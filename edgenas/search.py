@@ -241,6 +241,36 @@ def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) 
   return correct / max(1, n)
 
 
+GATE_CLOSURE_DRAWS = 4  # random closings per member: each is one validation pass
+
+
+def gate_closure(space, member_archs, accuracy, draws: int = GATE_CLOSURE_DRAWS, seed: int = 0) -> list[dict]:
+  """Does the search close the channels the task needs least? Per member, the supernet's validation accuracy with
+  every gate open, with the gates it learned to close closed (derive's rule), and with as many gate groups closed
+  in each candidate at random (`draws` draws). `accuracy(gate_logits [members, n]) -> [members]` evaluates them
+  all at once. With no gate closed there is nothing to compare and no random draw is run."""
+  archs = list(member_archs)
+  stack = lambda **kw: np.stack([supernet_lib.hard_gates(space, a, **kw) for a in archs])
+  all_open = np.asarray(accuracy(stack(closed=False)))
+  learned = np.asarray(accuracy(stack()))
+  counts = [supernet_lib.closed_gate_groups(space, a) for a in archs]
+  rng = np.random.default_rng(seed)
+  randoms = ([np.asarray(accuracy(stack(rng=rng))) for _ in range(draws)]
+             if any(supernet_lib.closed_gate_groups(space, a, selected_only=False)[0] for a in archs) else [])
+  out = []
+  for i, a in enumerate(archs):
+    r = [float(x[i]) for x in randoms]
+    row = dict(closed_groups=counts[i][0], groups=counts[i][1],
+               closed_groups_all_candidates=supernet_lib.closed_gate_groups(space, a, selected_only=False)[0],
+               val_acc_all_open=float(all_open[i]), val_acc_learned_closed=float(learned[i]),
+               val_acc_random_closed=r)
+    if r:
+      row.update(random_mean=float(np.mean(r)), random_std=float(np.std(r)),
+                 learned_loss=float(all_open[i] - learned[i]), random_loss=float(all_open[i] - np.mean(r)))
+    out.append(row)
+  return out
+
+
 def finished_result(workdir: str) -> dict | None:
   """search.json of the search finished in `workdir`, once its arch.json is checked to load and to be the network
   search.json records; None when no search finished there. Only reads: a finished search whose arch.json is
@@ -346,8 +376,10 @@ def _search(config, workdir: str) -> dict:
   arch = supernet_lib.derive(space, jax.device_get(state.arch), s.relaxation, name=config.get("name", ""))
   val_acc = evaluate(obj, eval_fn, state, dataset.val, s.batch_size, mesh)
   derived_cost = float(cost_lib.architecture_cost(obj.op_cost, arch))
+  closure = gate_closure(space, [jax.device_get(state.arch)], lambda g: [evaluate(
+      obj, eval_fn, state.replace(arch=dict(state.arch, gate=jnp.asarray(g[0]))), dataset.val, s.batch_size, mesh)])
   result = dict(
-      arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=val_acc,
+      arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=val_acc, gate_closure=closure[0],
       expected_cost=float(obj.expected_cost(state.arch)), derived_cost=derived_cost, cost_model=plan["cost_model"],
       cost_ref=plan["cost_ref"], steps=total, relaxation=s.relaxation,
       probs=[np.asarray(p).round(4).tolist() for p in obj.probs(jax.device_get(state.arch))],

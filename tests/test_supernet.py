@@ -209,3 +209,46 @@ def test_a_gates_scale_changes_the_blocks_output():
   params = cand.init(jax.random.PRNGKey(2), x, gate)
   g = jax.grad(lambda gt: jnp.mean(cand.apply(params, x, gt) * probe))(gate)
   assert float(jnp.mean(jnp.abs(g))) > 1e-3
+
+
+def test_hard_gates_close_what_derive_removes_or_as_many_at_random(space):
+  arch = sn.init_arch_params(space)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0.0, 3.0, arch["gate"].shape).astype(np.float32)
+  arch = dict(arch, gate=jnp.asarray(logits))
+  prob = np.asarray(sn.gate_open_prob(logits))
+  learned = sn.hard_gates(space, arch)
+  np.testing.assert_array_equal(learned < 0, prob <= 0.5)
+  values = np.asarray(sn.gate_deterministic(jnp.asarray(learned)))
+  assert set(np.unique(values)) <= {0.0, 1.0}  # exactly open or exactly closed
+  assert np.all(sn.hard_gates(space, arch, closed=False) > 0)
+  differs = False
+  for draw in range(3):
+    random = sn.hard_gates(space, arch, rng=np.random.default_rng(draw))
+    for row in sn.gate_layout(space):
+      for offset, n in row:
+        if n:  # as many closed in each candidate, not necessarily the same ones
+          assert np.sum(random[offset:offset + n] < 0) == np.sum(learned[offset:offset + n] < 0)
+    differs |= bool(np.any(random != learned))
+  assert differs
+  closed, total = sn.closed_gate_groups(space, arch, selected_only=False)
+  assert closed == int(np.sum(prob <= 0.5)) and total == logits.size
+
+
+def test_gate_closure_compares_learned_with_random_closing(space):
+  """With an accuracy that depends only on which gates are open, closing the least useful gates (those the search
+  drove down) must lose less than closing as many at random."""
+  arch = sn.init_arch_params(space)
+  n = arch["gate"].shape[0]
+  usefulness = np.linspace(1.0, 2.0, n)
+  logits = np.where(np.arange(n) % 3 == 0, -4.0, 4.0).astype(np.float32)  # every third gate learned closed
+  usefulness[np.arange(n) % 3 == 0] = 0.01
+  arch = dict(arch, gate=jnp.asarray(logits))
+
+  def accuracy(gates):
+    return [float(np.sum(usefulness * (g > 0)) / np.sum(usefulness)) for g in gates]
+  (row,) = search.gate_closure(space, [arch], accuracy, draws=5)
+  assert row["val_acc_all_open"] == pytest.approx(1.0)
+  assert len(row["val_acc_random_closed"]) == 5
+  assert row["learned_loss"] < row["random_loss"]
+  assert row["closed_groups_all_candidates"] == int(np.sum(logits < 0)) and row["closed_groups"] <= row["groups"]

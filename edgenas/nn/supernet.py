@@ -31,6 +31,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from edgenas import architecture as arch_lib
 from edgenas import ops as ops_lib
@@ -97,6 +98,45 @@ def gate_sample(log_alpha, rng):
 def gate_deterministic(log_alpha):
   """The test-time gate of Louizos et al.: the stretched, clipped sigmoid."""
   return jnp.clip(jax.nn.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA, 0.0, 1.0)
+
+
+# A gate logit at which the deterministic gate is exactly 1 (or, negated, exactly 0): sigmoid(30) rounds to 1 in
+# float32, and the stretched sigmoid is clipped.
+HARD_GATE_LOGIT = 30.0
+
+
+def hard_gates(space: space_lib.SearchSpace, arch: ArchParams, rng: np.random.Generator | None = None,
+               closed: bool = True):
+  """The flat gate logits with every gate exactly open or exactly closed.
+
+  `closed=False`: every gate open. Otherwise the gates `derive` removes (P(z > 0) <= 0.5) are closed; with `rng`,
+  each candidate closes the same number of gate groups as it learned to, chosen uniformly at random instead: the
+  control that shows whether the search closed the channels the task needs least."""
+  flat = np.full(np.shape(arch["gate"]), HARD_GATE_LOGIT, np.float32)
+  if not closed:
+    return flat
+  prob = np.asarray(gate_open_prob(np.asarray(arch["gate"])))
+  for row in gate_layout(space):
+    for offset, n in row:
+      if not n:
+        continue
+      shut = np.flatnonzero(prob[offset:offset + n] <= 0.5)
+      if rng is not None:
+        shut = rng.choice(n, size=shut.size, replace=False)
+      flat[offset + shut] = -HARD_GATE_LOGIT
+  return flat
+
+
+def closed_gate_groups(space: space_lib.SearchSpace, arch: ArchParams, selected_only: bool = True) -> tuple[int, int]:
+  """(closed, total) gate groups, of the candidates `derive` selects (argmax α) or of all candidates."""
+  prob = np.asarray(gate_open_prob(np.asarray(arch["gate"])))
+  closed = total = 0
+  for alpha, row in zip(arch["alpha"], gate_layout(space)):
+    for j, (offset, n) in enumerate(row):
+      if n and (not selected_only or j == int(np.argmax(alpha))):
+        closed += int(np.sum(prob[offset:offset + n] <= 0.5))
+        total += n
+  return closed, total
 
 
 def candidate_probs(alpha, relaxation: str):
