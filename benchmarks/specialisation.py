@@ -1,11 +1,11 @@
 """Does the platform change the answer? The same search space searched for three platforms at the same λ, and
 every derived network priced on every platform (a specialisation matrix, as in ProxylessNAS and FBNet).
 
-  python -m benchmarks.specialisation [--lam=0.3] [--epochs=30]
+  python -m benchmarks.specialisation [--config=digits|kws] [--lam=0.3] [--epochs=30] [--out=FILE]
 
 Each platform's lookup table comes from its own target's emulated counts (edgenas.energy.counts) and its cycle
-model; the search is the digits default config with `cost.platform` set. Writes
-benchmarks/results/specialisation.json: matrix[searched_for][priced_on] = {energy_uj, latency_ms}, and per
+model; the search is the experiment config (experiments/digits.py or experiments/kws.py) with `cost.platform`
+set. Writes benchmarks/results/specialisation.json (specialisation_kws.json for --config=kws): matrix[searched_for][priced_on] = {energy_uj, latency_ms}, and per
 platform whether its own network is the cheapest of the three on it.
 """
 from __future__ import annotations
@@ -31,15 +31,19 @@ def main() -> None:
   parser.add_argument("--lam", type=float, default=None, help="λ of the additive penalty (default: the config's)")
   parser.add_argument("--epochs", type=int, default=None)
   parser.add_argument("--workdir", default=None)
+  parser.add_argument("--config", default="digits", choices=("digits", "kws"))
+  parser.add_argument("--out", default=None, help="default: benchmarks/results/specialisation[_kws].json")
   args = parser.parse_args()
+  import importlib
   from launch import common
-  from experiments import digits
+  experiment = importlib.import_module(f"experiments.{args.config}")
+  out_path = args.out or (RESULTS if args.config == "digits" else RESULTS.replace(".json", f"_{args.config}.json"))
   common.enable_compilation_cache()
   workdir = args.workdir or tempfile.mkdtemp(prefix="edgenas-specialisation-")
   t0 = time.time()
   archs, searches = {}, {}
   for p in PLATFORMS:
-    config = digits.get_config()
+    config = experiment.get_config()
     config.cost.platform = p
     if args.lam is not None:
       config.cost.lam = args.lam
@@ -49,17 +53,18 @@ def main() -> None:
     result = search_lib.run_search(config, os.path.join(workdir, p))
     archs[p] = arch_lib.Architecture.load(os.path.join(workdir, p, search_lib.ARCH_FILE))
     searches[p] = dict(arch_hash=result["arch_hash"], layers=result["arch"]["layers"],
-                       val_acc_supernet=result["val_acc_supernet"], seconds=round(time.time() - t, 1))
+                       val_acc_supernet=result["val_acc_supernet"], gate_closure=result.get("gate_closure"),
+                       seconds=round(time.time() - t, 1))
   matrix = {s: {p: {k: estimate.estimate_architecture(archs[s], p)[k] for k in ("energy_uj", "latency_ms")}
                 for p in PLATFORMS} for s in PLATFORMS}
   own_cheapest = {p: min(PLATFORMS, key=lambda s: matrix[s][p]["energy_uj"]) == p for p in PLATFORMS}
   relative = {p: {s: round(matrix[s][p]["energy_uj"] / matrix[p][p]["energy_uj"], 4) for s in PLATFORMS}
               for p in PLATFORMS}
-  out = dict(lam=config.cost.lam, epochs=config.search.epochs, relaxation=config.search.relaxation,
+  out = dict(config=f"experiments/{args.config}.py", dataset=config.dataset, lam=config.cost.lam, epochs=config.search.epochs, relaxation=config.search.relaxation,
              searches=searches, matrix=matrix, energy_relative_to_own=relative, own_is_cheapest=own_cheapest,
              distinct_architectures=len({a.hash() for a in archs.values()}), seconds=round(time.time() - t0, 1),
              machine="2-core x86-64, other work running (wall times are upper bounds)")
-  rundir.atomic_write_json(RESULTS, out)
+  rundir.atomic_write_json(out_path, out)
   print(json.dumps(dict(own_is_cheapest=own_cheapest, relative=relative, searches=searches), indent=1))
 
 
