@@ -241,32 +241,41 @@ def evaluate(obj, eval_fn, state, split: data_lib.Split, batch_size: int, mesh) 
   return correct / max(1, n)
 
 
-GATE_CLOSURE_DRAWS = 4  # random closings per member: each is one validation pass
+GATE_CLOSURE_DRAWS = 4  # random closings per member and rule: each is one validation pass
+GATE_CLOSURE_FRACTION = 0.25  # the ranked rule closes this share of each candidate's gate groups
 
 
 def gate_closure(space, member_archs, accuracy, draws: int = GATE_CLOSURE_DRAWS, seed: int = 0) -> list[dict]:
-  """Does the search close the channels the task needs least? Per member, the supernet's validation accuracy with
-  every gate open, with the gates it learned to close closed (derive's rule), and with as many gate groups closed
-  in each candidate at random (`draws` draws). `accuracy(gate_logits [members, n]) -> [members]` evaluates them
-  all at once. With no gate closed there is nothing to compare and no random draw is run."""
+  """Do the gates learn which channels the task needs? Per member, the supernet's validation accuracy with every
+  gate open, then with gates closed by two rules, each against as many closed at random in each candidate
+  (`draws` draws):
+    - "learned": the gates the search closed (derive's rule, P(z > 0) <= 0.5); skipped when none closed;
+    - "lowest_logits": the GATE_CLOSURE_FRACTION of each candidate's gate groups with the lowest logits: whether
+      the search ranks channels by use even where no gate crossed the threshold.
+  `accuracy(gate_logits [members, n]) -> [members]` evaluates every member at once."""
   archs = list(member_archs)
   stack = lambda **kw: np.stack([supernet_lib.hard_gates(space, a, **kw) for a in archs])
   all_open = np.asarray(accuracy(stack(closed=False)))
-  learned = np.asarray(accuracy(stack()))
   counts = [supernet_lib.closed_gate_groups(space, a) for a in archs]
+  any_closed = any(supernet_lib.closed_gate_groups(space, a, selected_only=False)[0] for a in archs)
   rng = np.random.default_rng(seed)
-  randoms = ([np.asarray(accuracy(stack(rng=rng))) for _ in range(draws)]
-             if any(supernet_lib.closed_gate_groups(space, a, selected_only=False)[0] for a in archs) else [])
+  rules = {"learned": dict(), "lowest_logits": dict(fraction=GATE_CLOSURE_FRACTION)}
+  measured = {}
+  for rule, kw in rules.items():
+    if rule == "learned" and not any_closed:
+      continue
+    measured[rule] = (np.asarray(accuracy(stack(**kw))),
+                      [np.asarray(accuracy(stack(rng=rng, **kw))) for _ in range(draws)])
   out = []
   for i, a in enumerate(archs):
-    r = [float(x[i]) for x in randoms]
     row = dict(closed_groups=counts[i][0], groups=counts[i][1],
                closed_groups_all_candidates=supernet_lib.closed_gate_groups(space, a, selected_only=False)[0],
-               val_acc_all_open=float(all_open[i]), val_acc_learned_closed=float(learned[i]),
-               val_acc_random_closed=r)
-    if r:
-      row.update(random_mean=float(np.mean(r)), random_std=float(np.std(r)),
-                 learned_loss=float(all_open[i] - learned[i]), random_loss=float(all_open[i] - np.mean(r)))
+               val_acc_all_open=float(all_open[i]))
+    for rule, (ranked, randoms) in measured.items():
+      r = [float(x[i]) for x in randoms]
+      row[rule] = dict(val_acc=float(ranked[i]), val_acc_random=r, random_mean=float(np.mean(r)),
+                       random_std=float(np.std(r)), loss=float(all_open[i] - ranked[i]),
+                       random_loss=float(all_open[i] - np.mean(r)))
     out.append(row)
   return out
 

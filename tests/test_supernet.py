@@ -249,6 +249,10 @@ def test_gate_closure_compares_learned_with_random_closing(space):
     return [float(np.sum(usefulness * (g > 0)) / np.sum(usefulness)) for g in gates]
   (row,) = search.gate_closure(space, [arch], accuracy, draws=5)
   assert row["val_acc_all_open"] == pytest.approx(1.0)
-  assert len(row["val_acc_random_closed"]) == 5
-  assert row["learned_loss"] < row["random_loss"]
+  for rule in ("learned", "lowest_logits"):  # the learned-closed gates are also the lowest third of the logits
+    assert len(row[rule]["val_acc_random"]) == 5
+    assert row[rule]["loss"] < row[rule]["random_loss"]
   assert row["closed_groups_all_candidates"] == int(np.sum(logits < 0)) and row["closed_groups"] <= row["groups"]
+  # With no gate closed only the ranked rule is measured.
+  (row,) = search.gate_closure(space, [dict(arch, gate=jnp.abs(arch["gate"]))], accuracy, draws=2)
+  assert "learned" not in row and len(row["lowest_logits"]["val_acc_random"]) == 2

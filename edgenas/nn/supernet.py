@@ -106,21 +106,26 @@ HARD_GATE_LOGIT = 30.0
 
 
 def hard_gates(space: space_lib.SearchSpace, arch: ArchParams, rng: np.random.Generator | None = None,
-               closed: bool = True):
+               closed: bool = True, fraction: float | None = None):
   """The flat gate logits with every gate exactly open or exactly closed.
 
-  `closed=False`: every gate open. Otherwise the gates `derive` removes (P(z > 0) <= 0.5) are closed; with `rng`,
-  each candidate closes the same number of gate groups as it learned to, chosen uniformly at random instead: the
-  control that shows whether the search closed the channels the task needs least."""
+  `closed=False`: every gate open. Otherwise the gates `derive` removes (P(z > 0) <= 0.5) are closed, or with
+  `fraction`, the ceil(fraction · n) gate groups of lowest logit in each gated candidate (the search's ranking of
+  its channels, whether or not it crossed the threshold). With `rng`, each candidate closes as many groups chosen
+  uniformly at random instead: the control that shows whether the search ranks the channels the task needs."""
   flat = np.full(np.shape(arch["gate"]), HARD_GATE_LOGIT, np.float32)
   if not closed:
     return flat
-  prob = np.asarray(gate_open_prob(np.asarray(arch["gate"])))
+  logits = np.asarray(arch["gate"], np.float32)
+  prob = np.asarray(gate_open_prob(logits))
   for row in gate_layout(space):
     for offset, n in row:
       if not n:
         continue
-      shut = np.flatnonzero(prob[offset:offset + n] <= 0.5)
+      if fraction is None:
+        shut = np.flatnonzero(prob[offset:offset + n] <= 0.5)
+      else:
+        shut = np.argsort(logits[offset:offset + n], kind="stable")[:math.ceil(fraction * n)]
       if rng is not None:
         shut = rng.choice(n, size=shut.size, replace=False)
       flat[offset + shut] = -HARD_GATE_LOGIT
