@@ -132,27 +132,31 @@ def main() -> None:
   sweep = sweep_lib.run_sweep(config, os.path.join(args.workdir, "sweep"), lambdas, vectorize=True)
   dataset = data_lib.load_data(config)
   space = search_lib.check_data(config, dataset)
+  # Every network of every budget, then their retrains seed by seed: after the first pass each network has one
+  # retrained run (enough for benchmarks/plan_kws.py to plan with), the other seeds follow.
   budgets = []
   for member in sweep["members"]:
     arch = arch_lib.Architecture.load(os.path.join(args.workdir, "sweep", member["workdir"], search_lib.ARCH_FILE))
     energy = train_lib.platform_costs(arch, platform)["energy_uj"]
     say(f"λ={member['lam']}: searched {arch.hash()} {' '.join(arch.summary()['layers'])}, {energy:.1f} µJ")
-    where = os.path.join(args.workdir, f"lam_{member['lam']}")
-    searched = dict(arch_hash=arch.hash(), layers=arch.summary()["layers"], macs=arch.macs(), energy_uj=energy,
-                    test_acc=[retrain_accuracy(config, arch, os.path.join(where, "searched", f"seed{s}"), s)
-                              for s in range(args.seeds)])
-    randoms = []
-    for k, r in enumerate(matched_random(space, platform, energy, args.random, seed=int(1e3 * member["lam"]))):
-      accs = [retrain_accuracy(config, r["arch"], os.path.join(where, f"random{k}", f"seed{s}"), s)
-              for s in range(args.seeds)]
-      randoms.append(dict(arch_hash=r["arch"].hash(), layers=r["arch"].summary()["layers"], macs=r["arch"].macs(),
-                          energy_uj=r["energy_uj"], test_acc=accs))
-      say(f"λ={member['lam']}: random {k + 1}/{args.random} {r['arch'].hash()}: {np.mean(accs):.4f}")
+    randoms = matched_random(space, platform, energy, args.random, seed=int(1e3 * member["lam"]))
+    nets = [("searched", arch, energy)] + [(f"random{k}", r["arch"], r["energy_uj"]) for k, r in enumerate(randoms)]
+    budgets.append(dict(lam=member["lam"], where=os.path.join(args.workdir, f"lam_{member['lam']}"), nets=nets))
+  accs = {}
+  for s in range(args.seeds):
+    for b in budgets:
+      for name, arch, _ in b["nets"]:
+        accs[(b["lam"], name, s)] = retrain_accuracy(config, arch, os.path.join(b["where"], name, f"seed{s}"), s)
+        say(f"λ={b['lam']}: {name} {arch.hash()} seed {s}: {accs[(b['lam'], name, s)]:.4f}")
+  for i, b in enumerate(budgets):
+    rows = [dict(arch_hash=arch.hash(), layers=arch.summary()["layers"], macs=arch.macs(), energy_uj=energy,
+                 test_acc=[accs[(b["lam"], name, s)] for s in range(args.seeds)]) for name, arch, energy in b["nets"]]
+    searched, randoms = rows[0], rows[1:]
     s_stats = mean_std(searched["test_acc"])
     r_stats = mean_std([np.mean(r["test_acc"]) for r in randoms])  # one point per random network
-    budgets.append(dict(lam=member["lam"], searched=searched | dict(summary=s_stats), random=randoms,
-                        random_summary=r_stats,
-                        searched_beats_random_by_one_std=bool(s_stats["mean"] >= r_stats["mean"] + r_stats["std"])))
+    budgets[i] = dict(lam=b["lam"], searched=searched | dict(summary=s_stats), random=randoms,
+                      random_summary=r_stats,
+                      searched_beats_random_by_one_std=bool(s_stats["mean"] >= r_stats["mean"] + r_stats["std"]))
   result = dict(config="experiments/kws.py", dataset=config.dataset, platform=platform,
                 search=dict(epochs=config.search.epochs, lambdas=lambdas),
                 retrain=dict(epochs=config.retrain.epochs, qat_epochs=0, batch_size=config.retrain.batch_size),
