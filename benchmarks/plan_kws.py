@@ -2,14 +2,14 @@
 
   python -m benchmarks.plan_kws --networks=DIR[,DIR...] [--positive=yes] [--workdir=runs/plan_kws]
 
-DIRs are KWS retrain, export, pipeline or sweep workdirs (e.g. the retrains `benchmarks/random_search.py` leaves in
-runs/random_search/lam_*/*/seed0). The recorded result planned three networks retrained with
+DIRs are KWS retrain, export, pipeline or sweep workdirs. The recorded result planned eleven networks: DS-CNN,
+retrained with
   python -m launch.retrain --config=experiments/kws.py --config.retrain.epochs=6 --config.retrain.qat_epochs=2 \
-      --arch=ARCH --workdir=runs/plan_nets/NAME        (and --baseline=dscnn)
-  python -m launch.export --workdir=runs/plan_nets/NAME --nostrict
-for two arch.json of the KWS space (`k3e1:32 skip k5e1:32 skip`, 518k MACs; `skip k3e3:96 k7x3e1:32 skip`,
-1.2M MACs: the derived networks of a one-epoch smoke run of benchmarks/random_search.py) and DS-CNN. 16 kHz audio in 1 s windows with 50% overlap (2 frames/s); one keyword is the
-positive class, every other class (other keywords, unknown words, silence) negative.
+      --baseline=dscnn --workdir=runs/plan_nets/dscnn
+and, from `python -m benchmarks.random_search --retrain_epochs=4`, the searched network and random0-3 of each budget
+(runs/random_search/lam_{0.03,0.3}/{searched,random0,...,random3}/seed0; the planner exports them). 16 kHz audio in
+1 s windows with 50% overlap (2 frames/s); one keyword is the positive class, every other class (other keywords,
+unknown words, silence) negative.
 
 1. The plan on the default platform with the frame period as the deadline: every single network and every
    cheaper-first cascade, calibrated on the validation split and measured on the test split with the int8 models in
