@@ -7,6 +7,11 @@ channel gates moved after the depthwise BatchNorm, and derivation took the cost'
 that earns its result"); the retrain figures were unchanged by that re-recording:
 
     python tests/test_loop_identity.py   # rewrites tests/golden/loop_golden.json from the current code
+
+The jobs run in a subprocess whose CPU kernels are held to AVX2 (oneDNN's runtime dispatch and XLA's code
+generation alike): with each machine's own best kernels the same code gave α differing by up to 7% between an
+AVX-512/AMX Xeon and the machine that recorded the pin (float sums in another order, grown over a search), so the
+pin would have measured the hardware, not the loops.
 """
 import hashlib
 import json
@@ -18,7 +23,9 @@ import tempfile
 import numpy as np
 import pytest
 
-from edgenas import architecture as arch_lib
+if __name__ == "__main__":  # run as a script (recording, or the test's pinned subprocess): the repository's packages
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from edgenas import architecture as arch_lib  # pylint: disable=g-import-not-at-top
 from edgenas import search
 from edgenas import train
 from experiments import tiny
@@ -59,11 +66,28 @@ def run_jobs(root: str) -> dict:
   return out
 
 
+# Every x86-64 machine since 2013 has AVX2; both settings only lower what a machine would pick.
+PINNED_CPU_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "JAX_PLATFORMS": "cpu"}
+
+
+def run_jobs_pinned(root: str) -> dict:
+  """run_jobs in a fresh process with PINNED_CPU_ENV (one device, no compilation cache)."""
+  out = os.path.join(root, "jobs.json")
+  env = dict(os.environ, **PINNED_CPU_ENV)
+  env.pop("EDGENAS_JAX_CACHE", None)
+  repo = os.path.dirname(HERE)
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--emit={out}", f"--root={root}"], cwd=repo,
+                        env=env, capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f)
+
+
 @pytest.fixture(scope="module")
 def golden_and_now(tmp_path_factory):
   with open(GOLDEN) as f:
     golden = json.load(f)["jobs"]
-  return golden, run_jobs(str(tmp_path_factory.mktemp("loops")))
+  return golden, run_jobs_pinned(str(tmp_path_factory.mktemp("loops")))
 
 
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
@@ -81,12 +105,18 @@ def test_retrain_gives_the_recorded_accuracy(golden_and_now):
 
 
 def main():
+  args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+  if "emit" in args:  # the pinned subprocess of the test
+    jobs = run_jobs(args["root"])
+    with open(args["emit"], "w") as f:
+      json.dump(jobs, f)
+    return
   commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
   with tempfile.TemporaryDirectory() as root:
-    jobs = run_jobs(root)
+    jobs = run_jobs_pinned(root)
   path = GOLDEN
   with open(path, "w") as f:
-    json.dump(dict(recorded_at_commit=commit, jobs=jobs), f, indent=1)
+    json.dump(dict(recorded_at_commit=commit, cpu_env=PINNED_CPU_ENV, jobs=jobs), f, indent=1)
     f.write("\n")
   print(f"wrote {path}", file=sys.stderr)
 
