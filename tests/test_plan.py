@@ -173,7 +173,9 @@ def test_launcher_writes_the_plan_quickly_and_refuses_bad_input(workdirs, tmp_pa
     return lines[0]
 
   assert "--min_recall must be in (0, 1]" in refused("--positive=3", "--min_recall=1.5")
-  assert "no network or cascade meets" in refused("--positive=3", "--min_precision=1.0", "--min_recall=1.0")
+  # a deadline no operating point meets (a perfect validation score, by contrast, tiny digits networks can reach)
+  line = refused("--positive=3", "--deadline_ms=0.001")
+  assert "no network or cascade meets" in line and "no operating point meets the deadline of 0.001 ms" in line
   assert "is not a class" in refused("--positive=eleven")
   assert "two or more networks" in refused("--positive=3", networks=workdirs[:1])
   # a network trained on another validation split
