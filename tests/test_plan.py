@@ -15,7 +15,7 @@ from edgenas import quant as quant_lib
 from edgenas import train as train_lib
 from edgenas.export import exporter
 from edgenas.export import verify
-from tests.conftest import adam_trained
+from tests.conftest import adam_trained, require_device
 
 PLATFORM = "stm32l4r5_tflm"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,10 +208,12 @@ def _a_cascade(result):
 def test_cascade_program_on_cortex_m4_matches_the_host_frame_by_frame(planned, plan_dir, dataset, tmp_path):
   from edgenas.device import errors as device_errors
   from edgenas.export import cascade
+  require_device("cortex-m4")
+  require_device("rv32imac")
   result, _ = planned
   option = _a_cascade(result)
   out = str(tmp_path / "cascade")
-  report = cascade.export_plan(plan_dir, out, ["cortex-m4"], frames=12, option=option["name"])
+  report = cascade.export_plan(plan_dir, out, ["cortex-m4", "rv32imac"], frames=12, option=option["name"])
   for name in ("main.cc", "model_data.cc", "model_data.h", "model_ops.h", "Makefile.cortex_m", "stage1.tflite",
                "stage2.tflite"):
     assert os.path.isfile(os.path.join(out, name)), name
@@ -235,6 +237,8 @@ def test_cascade_program_on_cortex_m4_matches_the_host_frame_by_frame(planned, p
   assert 0 < small < large  # the cheaper network runs first
   assert t["instructions_per_frame"]["min"] < small + large <= t["instructions_per_frame"]["max"]
   assert all(a > 0 for a in t["arena_used_bytes"])
+  rv = report["targets"]["rv32imac"]  # the same program on RISC-V, TFLM's reference kernels
+  assert rv["matches_host"] and rv["frames_matching"] == 12 and rv["stage2_runs"] == t["stage2_runs"]
 
   # A host reference that differs in one byte is caught and named.
   data = os.path.join(out, "model_data.cc")
