@@ -2,8 +2,8 @@
 
   python -m benchmarks.pipeline [--config=kws|digits] [--workdir=DIR] [--keep_cache] [--keep_data]
 
-Runs the pipeline in a subprocess (a fresh workdir, EDGENAS_JAX_CACHE pointed at an empty directory unless
---keep_cache; for kws the embedded dataset generated into a fresh directory unless --keep_data, so the first-time
+Runs the pipeline in a subprocess (a fresh workdir, EDGENAS_JAX_CACHE and EDGENAS_RETRAIN_CACHE pointed at empty
+directories unless --keep_cache; for kws the embedded dataset generated into a fresh directory unless --keep_data, so the first-time
 synthesis is inside the measurement), records its wall time and peak RSS, and writes
 benchmarks/results/pipeline_<config>.json: the pipeline's own summary.json plus the measurement. The searched
 network's int8 model is copied to testdata/<config>_searched_int8.tflite (benchmarks/targets.py runs the digits
@@ -42,6 +42,7 @@ def main() -> None:
   env = dict(os.environ)
   if not args.keep_cache:
     env["EDGENAS_JAX_CACHE"] = tempfile.mkdtemp(prefix="edgenas-cold-cache-")
+    env["EDGENAS_RETRAIN_CACHE"] = tempfile.mkdtemp(prefix="edgenas-cold-retrains-")  # baselines trained, not reused
   command = [sys.executable, "-m", "launch.pipeline", f"--config=experiments/{args.config}.py", f"--workdir={workdir}"]
   cold_data = args.config == "kws" and not args.keep_data and not args.data_dir
   if cold_data:

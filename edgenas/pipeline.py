@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 from edgenas import architecture as arch_lib
 from edgenas import baselines as baselines_lib
+from edgenas import retrain_cache
 from edgenas import rundir
 from edgenas import search as search_lib
 from edgenas import train as train_lib
@@ -105,8 +106,8 @@ def _run_stages(config, workdir: str, t0: float, platform: str, baselines: bool,
     shape = tuple(arch.input_shape)
     for name, base in baselines_lib.baseline_architectures(shape, arch.num_classes,
                                                            names=tuple(config.baselines)).items():
-      base_report = train_lib.run_retrain(config, base, os.path.join(workdir, "baselines", name),
-                                          platforms=[platform])
+      base_report = retrain_cache.retrain_baseline(config, base, os.path.join(workdir, "baselines", name),
+                                                   [platform], train_lib.run_retrain)
       rows.append(_row(name, base_report, platform))
       base_reports.append(base_report)
   t_end = time.time()

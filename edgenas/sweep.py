@@ -389,6 +389,7 @@ def _export_member(workdir: str, m: Member, record: dict, export_workdir) -> Non
 def _retrain_baselines(config, workdir: str, platforms: Sequence[str], run_retrain) -> list[dict]:
   """The config's hand-designed baselines, retrained once each and priced on every platform of the sweep."""
   from edgenas import baselines as baselines_lib
+  from edgenas import retrain_cache
   names = list(config.get("baselines", ()))
   if not names:
     return []
@@ -396,7 +397,8 @@ def _retrain_baselines(config, workdir: str, platforms: Sequence[str], run_retra
   out = []
   for name in names:
     arch = baselines_lib.baseline_architecture(name, dataset.input_shape, dataset.num_classes)
-    report = run_retrain(config, arch, os.path.join(workdir, BASELINES_DIR, name), list(platforms))
+    report = retrain_cache.retrain_baseline(config, arch, os.path.join(workdir, BASELINES_DIR, name),
+                                            list(platforms), run_retrain)
     for platform in platforms:
       costs = report["platforms"][platform]
       out.append(dict(name=name, platform=platform, arch_hash=arch.hash(), test_acc=report["test_acc_fake_quant"],

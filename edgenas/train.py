@@ -245,7 +245,7 @@ def training_split(dataset: data_lib.Dataset, use_val: bool) -> data_lib.Split:
   return data_lib.concat(dataset.train, dataset.val)
 
 
-def _recorded_config(config, arch: arch_lib.Architecture) -> dict:
+def recorded_config(config, arch: arch_lib.Architecture) -> dict:
   """What a restart must match: the config and the architecture being trained."""
   return {"config": rundir.to_jsonable(config), "retrain_arch": arch.to_dict()}
 
@@ -280,7 +280,7 @@ def run_retrain(config, arch: arch_lib.Architecture, workdir: str, platforms: Se
 def _retrain(config, arch: arch_lib.Architecture, workdir: str, platform_names: Sequence[str], source: str) -> dict:
   rc = config.retrain
   report_path = os.path.join(workdir, REPORT_FILE)
-  recorded = _recorded_config(config, arch)
+  recorded = recorded_config(config, arch)
   rundir.check_resume(workdir, recorded)  # a finished or started run there must have this config and network
   if os.path.exists(report_path):
     say(f"{workdir}: retraining already finished; not running it again (use a new --workdir to retrain anew)")

@@ -5,6 +5,9 @@ import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("EDGENAS_JAX_CACHE", os.path.join(REPO_ROOT, ".jax_cache"))
+# Tests retrain baselines in fresh workdirs and check that they train; tests/test_retrain_cache.py turns the shared
+# baseline cache on for itself.
+os.environ["EDGENAS_RETRAIN_CACHE"] = ""
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
