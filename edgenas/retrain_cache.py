@@ -10,7 +10,8 @@ The cache lives in `$EDGENAS_RETRAIN_CACHE` (default `~/.cache/edgenas/retrains`
 A hit copies the finished run (report.json, arch.json, final/, metrics; no checkpoints) into the workdir, records
 the current config in its config.json (equal in every field the result depends on) and `reused_from` in its
 report; a miss trains in the workdir as before and then stores a copy, written beside its place and moved in
-whole. A workdir that already holds a started or finished run is never replaced.
+whole. A workdir that already holds a started or finished run is never replaced; a multi-process run does not use
+the cache.
 """
 from __future__ import annotations
 
@@ -72,10 +73,13 @@ def _copy_run(src: str, dst: str) -> None:
 
 def retrain_baseline(config, arch, workdir: str, platforms: Sequence[str], run_retrain: Callable) -> dict:
   """`run_retrain(config, arch, workdir, platforms)`, or the cached result of the same retrain."""
+  import jax  # pylint: disable=g-import-not-at-top
   from edgenas import train as train_lib  # pylint: disable=g-import-not-at-top
   root = cache_dir()
   platforms = train_lib.platforms_of(config, platforms)
-  if root is None or os.path.exists(workdir):  # off, or a run of its own is already there: resume or read it
+  # Off; or a run of its own is already there (resume or read it); or several processes share the workdir (one
+  # copy would race the others): train as without the cache.
+  if root is None or os.path.exists(workdir) or jax.process_count() > 1:
     return run_retrain(config, arch, workdir, platforms)
   entry = os.path.join(root, key(config, arch, platforms))
   report_path = os.path.join(entry, train_lib.REPORT_FILE)
