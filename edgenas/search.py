@@ -257,19 +257,18 @@ def gate_closure(space, member_archs, accuracy, draws: int = GATE_CLOSURE_DRAWS,
   stack = lambda **kw: np.stack([supernet_lib.hard_gates(space, a, **kw) for a in archs])
   all_open = np.asarray(accuracy(stack(closed=False)))
   counts = [supernet_lib.closed_gate_groups(space, a) for a in archs]
-  any_closed = any(supernet_lib.closed_gate_groups(space, a, selected_only=False)[0] for a in archs)
+  closed_all = [supernet_lib.closed_gate_groups(space, a, selected_only=False)[0] for a in archs]
   rng = np.random.default_rng(seed)
   rules = {"learned": dict(), "lowest_logits": dict(fraction=GATE_CLOSURE_FRACTION)}
   measured = {}
   for rule, kw in rules.items():
-    if rule == "learned" and not any_closed:
+    if rule == "learned" and not any(closed_all):
       continue
     measured[rule] = (np.asarray(accuracy(stack(**kw))),
                       [np.asarray(accuracy(stack(rng=rng, **kw))) for _ in range(draws)])
   out = []
-  for i, a in enumerate(archs):
-    row = dict(closed_groups=counts[i][0], groups=counts[i][1],
-               closed_groups_all_candidates=supernet_lib.closed_gate_groups(space, a, selected_only=False)[0],
+  for i in range(len(archs)):
+    row = dict(closed_groups=counts[i][0], groups=counts[i][1], closed_groups_all_candidates=closed_all[i],
                val_acc_all_open=float(all_open[i]))
     for rule, (ranked, randoms) in measured.items():
       r = [float(x[i]) for x in randoms]

@@ -87,13 +87,13 @@ def _export_plan():
   from edgenas.energy import platform as platform_lib
   from edgenas.export import cascade
   spec_path = cascade.plan_path(_PLAN.value)
+  from edgenas.device import targets as targets_lib
   targets = [t for t in _TARGETS.value if t != "none"]
   if not _TARGETS.value:  # the core of the platform the plan was made for
     platform = cascade.CascadeSpec(spec_path, _PLAN_OPTION.value).platform
     targets = [platform_lib.load_platform(platform).target] if platform else []
-  elif targets == ["all"]:
-    from edgenas.device import targets as targets_lib
-    targets = [t.name for t in targets_lib.parse_targets("all")]
+  elif targets:  # names checked (and "all" expanded) before any work
+    targets = [t.name for t in targets_lib.parse_targets(",".join(targets))]
   out_dir = _OUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(spec_path)), cascade.CASCADE_DIR)
   with common.workdir_lock(os.path.dirname(os.path.abspath(out_dir))):
     report = cascade.export_plan(spec_path, out_dir, targets, _PLAN_FRAMES.value, cpu=_CPU.value,
