@@ -237,6 +237,7 @@ def _finish(configs, workdirs, space, obj, plan, steps: PopulationSteps, state, 
     arch = supernet_lib.derive(space, member_arch, s.relaxation, name=config.get("name", ""))
     result = dict(
         arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=float(val_acc[i]), gate_closure=closure[i],
+        selected_gates=supernet_lib.selected_gate_summary(space, member_arch),
         test_acc_supernet=float(test_acc[i]), expected_cost=float(obj.expected_cost(member_arch)),
         derived_cost=float(cost_lib.architecture_cost(obj.op_cost, arch)), cost_model=plan["cost_model"],
         cost_ref=plan["cost_ref"], steps=plan["total"], relaxation=s.relaxation,

@@ -167,6 +167,7 @@ def check_config(config) -> None:
   checks.number(a, "b1", "config.arch", err, ge=0, lt=1)
   checks.number(a, "b2", "config.arch", err, ge=0, lt=1)
   checks.number(a, "weight_decay", "config.arch", err, ge=0)
+  checks.number(a, "gate_weight_decay", "config.arch", err, ge=0, default=0.0)
 
   checks.choice(config.cost, "model", "config.cost", err, COST_MODELS)
   check_cost_platform(config)
@@ -388,6 +389,7 @@ def _search(config, workdir: str) -> dict:
       obj, eval_fn, state.replace(arch=dict(state.arch, gate=jnp.asarray(g[0]))), dataset.val, s.batch_size, mesh)])
   result = dict(
       arch_hash=arch.hash(), arch=arch.summary(), val_acc_supernet=val_acc, gate_closure=closure[0],
+      selected_gates=supernet_lib.selected_gate_summary(space, jax.device_get(state.arch)),
       expected_cost=float(obj.expected_cost(state.arch)), derived_cost=derived_cost, cost_model=plan["cost_model"],
       cost_ref=plan["cost_ref"], steps=total, relaxation=s.relaxation,
       probs=[np.asarray(p).round(4).tolist() for p in obj.probs(jax.device_get(state.arch))],

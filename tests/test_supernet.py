@@ -256,3 +256,35 @@ def test_gate_closure_compares_learned_with_random_closing(space):
   # With no gate closed only the ranked rule is measured.
   (row,) = search.gate_closure(space, [dict(arch, gate=jnp.abs(arch["gate"]))], accuracy, draws=2)
   assert "learned" not in row and len(row["lowest_logits"]["val_acc_random"]) == 2
+
+
+def test_gates_close_under_the_cost_term_and_are_not_decayed_back_open(space):
+  """The architecture optimizer decays α but not the gate logits (config.arch.gate_weight_decay, default 0).
+  Decay pulls a logit to 0, where a gate is 83% open: against a cost gradient that is orders of magnitude
+  smaller it holds every gate above derive's threshold. Under the cost term alone the gates close; with the
+  old decay on them, none does."""
+  obj = make_objective(space, "softmax")
+  cost = lambda a: 0.1 * obj.expected_cost(a) / 1e5  # λ = 0.1 of the tiny space's additive penalty
+
+  def closed_after(steps, **arch_cfg):
+    c = tiny.get_config().arch
+    c.update(arch_cfg)
+    tx = optim.arch_optimizer(c)
+    arch = sn.init_arch_params(space)
+    opt = tx.init(arch)
+    for _ in range(steps):
+      updates, opt = tx.update(jax.grad(cost)(arch), opt, arch)
+      arch = jax.tree.map(lambda p, u: p + u, arch, updates)
+    return arch, float(jnp.mean(sn.gate_open_prob(arch["gate"]) <= 0.5))
+
+  arch, closed = closed_after(150)
+  assert closed == 1.0, closed
+  assert float(jnp.max(jnp.abs(jax.grad(cost)(sn.init_arch_params(space))["gate"]))) < 1e-3 * 3.0  # < decay's pull
+  _, closed_decayed = closed_after(150, gate_weight_decay=1e-3)
+  assert closed_decayed == 0.0, closed_decayed
+  # α is still decayed: with the cost gradient switched off, decay alone shrinks a non-zero α
+  c = tiny.get_config().arch
+  tx = optim.arch_optimizer(c)
+  a = dict(sn.init_arch_params(space), alpha=[jnp.ones_like(x) for x in sn.init_arch_params(space)["alpha"]])
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, a), tx.init(a), a)
+  assert all(float(jnp.max(u)) < 0 for u in updates["alpha"]) and float(jnp.max(jnp.abs(updates["gate"]))) == 0.0

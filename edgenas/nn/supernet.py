@@ -144,6 +144,20 @@ def closed_gate_groups(space: space_lib.SearchSpace, arch: ArchParams, selected_
   return closed, total
 
 
+def selected_gate_summary(space: space_lib.SearchSpace, arch: ArchParams) -> list[dict | None]:
+  """Per layer, the gates of the candidate `derive` selects: how many groups, and their P(z > 0) (min, mean, max,
+  and how many derive closes); None for an ungated candidate. Written to search.json, so a run shows whether its
+  gates moved towards the threshold or stayed open."""
+  prob = np.asarray(gate_open_prob(np.asarray(arch["gate"], np.float32)))
+  out = []
+  for alpha, row in zip(arch["alpha"], gate_layout(space)):
+    offset, n = row[int(np.argmax(alpha))]
+    p = prob[offset:offset + n]
+    out.append(dict(groups=n, open_prob_min=round(float(p.min()), 4), open_prob_mean=round(float(p.mean()), 4),
+                    open_prob_max=round(float(p.max()), 4), closed=int(np.sum(p <= 0.5))) if n else None)
+  return out
+
+
 def candidate_probs(alpha, relaxation: str):
   """The weight each candidate runs with in the mixed op, which the cost model prices it with: softmax(α), or
   FairDARTS's independent σ(α) (not normalised: the network runs Σ σ(α_j)·op_j). Gumbel's forward pass is one
