@@ -8,10 +8,15 @@ metrics, the NaN/Inf stop, progress lines, checkpoints, and closing files whethe
 
 `run` restores the latest good checkpoint (or starts at step 0), then for each step:
 
-  1. `step_fn(state, step) -> (state, metrics)`; the metrics come back to the host as a record: a float per
-     scalar, and for a population a float64 vector (one entry per member) per metric with a leading axis;
-  2. the NaN stop: `diverged(step, record)` says what became NaN or Inf (None if nothing did), and the run raises
-     NonFiniteLossError, keeping its last good checkpoint. A state holding NaN/Inf is never saved either;
+  1. `step_fn(state, step) -> (state, metrics)`. The metrics stay on the device: the loop does not wait for a
+     step to finish before dispatching the next, so the host builds and transfers the next batch while the
+     device computes. They come back to the host in one transfer at the steps that need them (every
+     `log_every` steps, an epoch's end, before a checkpoint, at the end), as records: a float per scalar, and
+     for a population a float64 vector (one entry per member) per metric with a leading axis;
+  2. the NaN stop: `diverged(step, record)`, on every step's record in order when they arrive, says what became
+     NaN or Inf (None if nothing did), and the run raises NonFiniteLossError naming the first such step, keeping
+     its last good checkpoint (records are checked before any checkpoint is written). A state holding NaN/Inf
+     is never saved either;
   3. at the end of an epoch and every `log_every` steps, `log_fields(state, step, epoch_end)` adds the caller's
      fields (evaluation, epoch, ...) and one line per member goes to its `metrics.jsonl`;
   4. the progress line; at the end of an epoch, then, `epoch_summary(record, progress_line)`'s line if any;
@@ -117,15 +122,29 @@ class Loop:
 
       stop = closing.enter_context(_stop_on_sigint())
       done = start  # steps finished, for the Interrupted message
+      pending: list[tuple[int, Mapping]] = []  # (step, metrics still on the device) since the last fetch
+
+      def fetch() -> Record:
+        """Every pending step's metrics in one transfer, checked in step order; the newest step's record."""
+        steps, host = [p[0] for p in pending], jax.device_get([p[1] for p in pending])
+        pending.clear()
+        record = {}
+        for step_i, metrics_i in zip(steps, host):
+          record = _host_record(metrics_i, len(self.metrics_paths))
+          problem = diverged(step_i, record)
+          if problem:
+            self._stop(ckpt, problem)
+        return record
+
       try:
         for step in range(start, total):
           state, metrics = step_fn(state, step)
-          record = _host_record(metrics, len(self.metrics_paths))
-          problem = diverged(step, record)
-          if problem:
-            self._stop(ckpt, problem)
+          pending.append((step, metrics))
           epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == total
-          if epoch_end or (step + 1) % self.log_every == 0:
+          logged = epoch_end or (step + 1) % self.log_every == 0
+          if logged or step % self.checkpoint_every == 0 or step + 1 == total or stop:
+            record = fetch()
+          if logged:
             if log_fields is not None:
               record.update(log_fields(state, step, epoch_end))
             for i, writer in enumerate(writers):
@@ -185,10 +204,9 @@ def non_finite(record: Record, keys: Sequence[str]) -> list[str]:
   return [key for key in keys if key in record and not np.all(np.isfinite(record[key]))]
 
 
-def _host_record(metrics: Mapping, members: int) -> Record:
-  """A step's metrics on the host, in one transfer: scalars as floats, per-member vectors cut to the members
-  (a population is padded to fill the devices)."""
-  host = jax.device_get(dict(metrics))
+def _host_record(host: Mapping, members: int) -> Record:
+  """A step's fetched metrics: scalars as floats, per-member vectors cut to the members (a population is padded
+  to fill the devices)."""
   return {key: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)[:members] for key, v in host.items()}
 
 
