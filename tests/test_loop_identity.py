@@ -4,7 +4,8 @@ architecture logits and the same retrain accuracy as the code recorded in tests/
 The golden file was first written from the loops before the refactor into `edgenas.loop` (commit 0b41db7), and
 re-recorded by this module's `main` at the commit it names when the supernet itself changed on purpose (the
 channel gates moved after the depthwise BatchNorm, and derivation took the cost's gate statistic; issue "Search
-that earns its result"); the retrain figures were unchanged by that re-recording:
+that earns its result"), and again when the gate logits stopped being weight-decayed (config.arch.gate_weight_decay);
+the retrain figures were unchanged by those re-recordings:
 
     python tests/test_loop_identity.py   # rewrites tests/golden/loop_golden.json from the current code
 
