@@ -192,3 +192,30 @@ def test_ctrl_c_saves_the_step_it_stopped_at_and_a_rerun_ends_like_an_uninterrup
   np.testing.assert_array_equal(np.asarray(resumed.state["w"]), np.asarray(straight.state["w"]))
   with open(workdir / "metrics.jsonl") as f, open(tmp_path / "straight" / "metrics.jsonl") as g:
     assert f.read() == g.read()
+
+
+def test_metrics_come_back_only_at_the_steps_that_need_them(tmp_path, monkeypatch):
+  """No host sync per step: the step's metrics stay on the device and are fetched, all pending steps in one
+  transfer, at log/epoch steps, before a checkpoint and at the end. A NaN between two fetches is still named
+  by its own step, and no checkpoint is written past it."""
+  fetches = []
+  real_get = loop_lib.jax.device_get
+
+  def counting_get(tree):
+    if isinstance(tree, list) and tree and all(isinstance(m, dict) for m in tree):  # the loop's metrics fetch
+      fetches.append(len(tree))
+    return real_get(tree)
+
+  monkeypatch.setattr(loop_lib.jax, "device_get", counting_get)
+  loop = make_loop(tmp_path, total_steps=20, steps_per_epoch=20, log_every=10, checkpoint_every=10)
+  loop.run(init_state(), step_fn, diverged=loss_diverged, log=quiet)
+  assert fetches == [1, 9, 1, 9], fetches  # steps 0 (checkpoint), 1-9 (log), 10 (checkpoint), 11-19 (end)
+
+  def blowing_up(state, step):
+    return _update(state, jnp.float32(np.nan if step >= 13 else np.sin(step)))
+
+  with pytest.raises(loop_lib.NonFiniteLossError, match="the loss became nan at step 13; stopping. The last good "
+                                                         "checkpoint is step 10"):
+    make_loop(tmp_path / "nan", total_steps=20, steps_per_epoch=20, log_every=10, checkpoint_every=10).run(
+        init_state(), blowing_up, diverged=loss_diverged, log=quiet)
+  assert checkpoint_steps(tmp_path / "nan") == [0, 10]
