@@ -272,9 +272,14 @@ def test_gates_close_under_the_cost_term_and_are_not_decayed_back_open(space):
     tx = optim.arch_optimizer(c)
     arch = sn.init_arch_params(space)
     opt = tx.init(arch)
-    for _ in range(steps):
+
+    @jax.jit
+    def step(arch, opt):
       updates, opt = tx.update(jax.grad(cost)(arch), opt, arch)
-      arch = jax.tree.map(lambda p, u: p + u, arch, updates)
+      return jax.tree.map(lambda p, u: p + u, arch, updates), opt
+
+    for _ in range(steps):
+      arch, opt = step(arch, opt)
     return arch, float(jnp.mean(sn.gate_open_prob(arch["gate"]) <= 0.5))
 
   arch, closed = closed_after(150)
