@@ -158,7 +158,7 @@ def main() -> None:
                       random_summary=r_stats,
                       searched_beats_random_by_one_std=bool(s_stats["mean"] >= r_stats["mean"] + r_stats["std"]))
   result = dict(config="experiments/kws.py", dataset=config.dataset, platform=platform,
-                search=dict(epochs=config.search.epochs, lambdas=lambdas),
+                search=dict(rundir.to_jsonable(config.search), lambdas=lambdas),
                 retrain=dict(epochs=config.retrain.epochs, qat_epochs=0, batch_size=config.retrain.batch_size),
                 seeds=args.seeds, random_per_budget=args.random, energy_band=ENERGY_BAND, budgets=budgets,
                 wall_s=round(time.time() - t0, 1), cpu_count=os.cpu_count(),

@@ -85,7 +85,7 @@ class Objective:
                w_tx: optax.GradientTransformation, a_tx: optax.GradientTransformation):
     self.space, self.cfg = space, cfg
     self.relaxation = cfg.relaxation
-    self.model = supernet_lib.Supernet(space, cfg.relaxation)
+    self.model = supernet_lib.Supernet(space, cfg.relaxation, cfg.get("weight_sharing", "independent"))
     self.op_cost, self.memory_fn = op_cost, memory_fn
     self.w_tx, self.a_tx = w_tx, a_tx
 

@@ -183,7 +183,7 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   def step_fn(state, step):
     tau = jnp.float32(search_lib.tau_at(step, total, s))
     tb, metrics = batch_at(train_stream, step), {}
-    if step >= warmup:  # DARTS order, as in search.run_search: α on validation data first, then w
+    if search_lib.arch_step_due(step, warmup, s):  # DARTS order, as in search.run_search: α first, then w
       state, metrics = steps.arch_step(state, tb, batch_at(val_stream, step), tau, jnp.float32(lr_at(step)), lam,
                                        target)
     state, w_metrics = steps.weight_step(state, tb, tau)

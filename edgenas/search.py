@@ -118,7 +118,7 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
     raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
   return ml_collections.ConfigDict(dict(
       relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
-      penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
+      weight_sharing=s.get("weight_sharing", "independent"), penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
       memory_weight=float(c.get("memory_weight", 0.0)), memory_budget=float(c.get("memory_budget", 0))))
 
 
@@ -148,11 +148,14 @@ def check_config(config) -> None:
     checks.number(config, "keep_checkpoints", "config", err, integer=True, ge=1)
 
   checks.choice(s, "relaxation", "config.search", err, supernet_lib.RELAXATIONS)
+  if "weight_sharing" in s:
+    checks.choice(s, "weight_sharing", "config.search", err, supernet_lib.WEIGHT_SHARING)
   epochs = checks.number(s, "epochs", "config.search", err, integer=True, ge=1)
   checks.number(s, "warmup_epochs", "config.search", err, ge=0, lt=epochs,
                 why=f"warm-up epochs train the weights only; config.search.epochs is {epochs}")
   checks.number(s, "batch_size", "config.search", err, integer=True, ge=1)
   checks.number(s, "max_steps", "config.search", err, integer=True, ge=0, default=0)
+  checks.number(s, "arch_every", "config.search", err, integer=True, ge=1, default=1)
   checks.number(s, "tau_max", "config.search", err, gt=0)
   checks.number(s, "tau_min", "config.search", err, gt=0)
 
@@ -179,6 +182,13 @@ def check_config(config) -> None:
   space_cfg.setdefault("input_shape", (1 << 16, 1 << 16, 1))
   space_cfg.setdefault("num_classes", 2)
   space_lib.SearchSpace.from_config(space_cfg)
+
+
+def arch_step_due(step: int, warmup: int, s) -> bool:
+  """Whether `step` takes an α step: after the warm-up, every `config.search.arch_every`-th step (1: every step, as
+  in DARTS; ProxylessNAS-style k > 1 makes the search cheaper and gives Adam's fixed-size α steps fewer chances to
+  settle the choice while the supernet is still learning the task)."""
+  return step >= warmup and (step - warmup) % s.get("arch_every", 1) == 0
 
 
 def tau_at(step: int, total: int, s) -> float:
@@ -355,7 +365,7 @@ def _search(config, workdir: str) -> dict:
   def step_fn(state, step):
     tau = jnp.float32(tau_at(step, total, s))
     tb, metrics = batch_at(train_stream, step), {}
-    if step >= warmup:  # DARTS order: α first, on validation data, then w
+    if arch_step_due(step, warmup, s):  # DARTS order: α first, on validation data, then w
       state, metrics = arch_step(state, tb, batch_at(val_stream, step), tau, jnp.float32(lr_at(step)))
     state, w_metrics = weight_step(state, tb, tau)
     return state, metrics | w_metrics
@@ -369,9 +379,11 @@ def _search(config, workdir: str) -> dict:
     return fields | dict(epoch=step // per_epoch, tau=float(np.float32(tau_at(step, total, s))))
 
   def epoch_summary(record, _):
+    # With config.search.arch_every > 1 an epoch may end on a step without an α step: no α figures then.
+    in_warmup = (record["epoch"] + 1) * per_epoch <= warmup
     return (f"  epoch {record['epoch'] + 1}/{s.epochs}: val acc (supernet) {record['val_acc_supernet']:.4f}"
             + (f"  expected cost {record['expected_cost']:.4g}  α entropy {record['alpha_entropy']:.3f}"
-               if "expected_cost" in record else "  (warm-up: weights only)"))
+               if "expected_cost" in record else "  (warm-up: weights only)" if in_warmup else ""))
 
   loop = loop_lib.Loop(
       name=workdir, checkpoint_dir=os.path.join(workdir, "checkpoints"),

@@ -31,10 +31,12 @@ def get_config():
 
   c.search = ml_collections.ConfigDict(dict(
       relaxation="gumbel",  # softmax | gumbel | sigmoid
+      weight_sharing="independent",  # independent: own weights per candidate | entangled: a slot's share a core
       epochs=30,
       warmup_epochs=8.0,  # fractional epochs allowed
       batch_size=64,
       max_steps=0,  # > 0 caps the number of steps (smoke tests)
+      arch_every=1,  # after the warm-up, an α step every this many weight steps (1: DARTS's alternation)
       second_order=False,
       tau_max=5.0,
       tau_min=0.5,

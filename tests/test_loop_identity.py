@@ -100,9 +100,16 @@ def test_search_gives_the_recorded_architecture_and_logits(golden_and_now, relax
   assert now[relaxation]["val_acc_supernet"] == pytest.approx(golden[relaxation]["val_acc_supernet"], abs=1e-9)
 
 
+# The retrain's accuracies may differ by one of digits' 270 test images between CPU makers even with the kernels
+# held to AVX2: at b5bb586 the fake-quant accuracy was 0.2926 on the AVX-512/AMX Xeon that recorded the pin and
+# 0.2889 on an AMD EPYC (one image), with the same architecture, α and float accuracy. A change to the loops moves
+# more than that.
+ONE_TEST_IMAGE = 1 / 270
+
+
 def test_retrain_gives_the_recorded_accuracy(golden_and_now):
   golden, now = golden_and_now
-  assert now["retrain"] == pytest.approx(golden["retrain"], abs=1e-9)
+  assert now["retrain"] == pytest.approx(golden["retrain"], abs=ONE_TEST_IMAGE + 1e-9)
 
 
 def main():

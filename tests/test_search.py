@@ -180,6 +180,8 @@ def _tiny(**changes):
     ({"cost.penalty": "multiplicative", "cost.target": 800.0},
      r"config\.cost\.penalty='multiplicative' .*depended on the cost's unit.*use config\.cost\.penalty='mnas'"),
     ({"data_seed": -1}, r"config\.data_seed must be an integer >= 0, got -1"),
+    ({"search.arch_every": 0}, r"config\.search\.arch_every must be an integer >= 1, got 0"),
+    ({"search.weight_sharing": "tied"}, r"config\.search\.weight_sharing must be one of 'independent', 'entangled'"),
 ])
 def test_check_config_refuses_a_bad_field_naming_it(changes, message):
   from edgenas import search
@@ -241,3 +243,25 @@ def test_finished_search_with_its_arch_json_is_returned_as_recorded(tmp_path):
   assert search.finished_result(str(workdir)) == rundir.read_json(str(workdir / "search.json"))
   assert search.finished_result(str(tmp_path)) is None  # nothing finished there
   assert _digests(workdir) == before
+
+
+def test_arch_steps_come_every_arch_every_steps_after_the_warm_up():
+  from edgenas import search
+  c = _tiny(**{"search.arch_every": 3})
+  due = [step for step in range(12) if search.arch_step_due(step, 4, c.search)]
+  assert due == [4, 7, 10]
+  assert [step for step in range(6) if search.arch_step_due(step, 4, _tiny().search)] == [4, 5]  # default: every step
+
+
+def test_a_search_with_sparser_arch_steps_runs_and_records_them(tmp_path):
+  """arch_every=4 on the tiny search (no warm-up): α steps at steps 0, 4 and 8 only; α moves, and the records
+  logged at steps 3, 7 and 11, which took no α step, carry no α figures."""
+  config = write_config(tmp_path, "sparse", "c.search.arch_every = 4")
+  workdir = str(tmp_path / "run")
+  r = launch(config, workdir)
+  assert r.returncode == 0, r.stdout + r.stderr
+  result = read(workdir, "search.json")
+  assert result["steps"] == 12
+  assert any(abs(a) > 0 for row in result["alpha"] for a in row)
+  metrics = [json.loads(l) for l in read(workdir, "metrics.jsonl").splitlines()]
+  assert [m["step"] for m in metrics] == [3, 7, 11] and not any("alpha_entropy" in m for m in metrics)

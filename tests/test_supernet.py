@@ -26,9 +26,10 @@ def batch():
           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
 
 
-def make_objective(space, relaxation, **cost_overrides):
+def make_objective(space, relaxation, weight_sharing="independent", **cost_overrides):
   c = tiny.get_config()
   c.search.relaxation = relaxation
+  c.search.weight_sharing = weight_sharing
   c.cost.model = "macs"
   c.cost.update(cost_overrides)
   ocfg = search.objective_config(c, cost_ref=1e5)
@@ -152,6 +153,10 @@ def test_bad_search_config_is_refused():
   c.cost.penalty = "target"
   with pytest.raises(search.SearchConfigError, match="config.cost.target"):
     search.objective_config(c, 1.0)
+  c = tiny.get_config()
+  c.search.weight_sharing = "shared"
+  with pytest.raises(search.SearchConfigError, match="config.search.weight_sharing must be one of"):
+    search.check_config(c)
 
 
 @pytest.mark.parametrize("relaxation", sn.RELAXATIONS)
@@ -293,3 +298,74 @@ def test_gates_close_under_the_cost_term_and_are_not_decayed_back_open(space):
   a = dict(sn.init_arch_params(space), alpha=[jnp.ones_like(x) for x in sn.init_arch_params(space)["alpha"]])
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, a), tx.init(a), a)
   assert all(float(jnp.max(u)) < 0 for u in updates["alpha"]) and float(jnp.max(jnp.abs(updates["gate"]))) == 0.0
+
+
+# ---- weight-entangled candidates (config.search.weight_sharing = "entangled")
+
+@pytest.mark.parametrize("relaxation", sn.RELAXATIONS)
+def test_entangled_supernet_trains_weights_and_arch(space, batch, relaxation):
+  obj = make_objective(space, relaxation, "entangled", lam=0.5, penalty="additive")
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  names = set(state.weights["layer_0"])
+  assert "ex_expand" in names and "e1_dw" in names and not any(n.startswith("cand_") for n in names)
+  s1, wm = jax.jit(obj.weight_step)(state, batch, 1.0)
+  s2, am = jax.jit(obj.arch_step)(s1, batch, batch, 1.0, 0.01)
+  assert np.isfinite(float(wm["train_ce"])) and np.isfinite(float(am["val_ce"]))
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(s2.arch["alpha"], s1.arch["alpha"])) > 0
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.weights, state.weights)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_an_entangled_candidate_is_the_independent_block_on_its_slice_of_the_shared_weights(space, batch):
+  """Each candidate runs the same operators as `MBConvCandidate`, on the first `hidden` expanded channels and the
+  centred kh x kw of the shared depthwise kernel: so the candidate a search derives is the network it priced."""
+  slot = space.slots()[0]
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, slot.in_channels))
+  mixed = sn.MixedOp(slot, space.gate_group, "softmax", "entangled")
+  n_gates = [sn.n_gate_groups(slot, c, space.gate_group) for c in slot.candidates]
+  gates = [jax.random.uniform(jax.random.PRNGKey(4 + j), (n,)) if n else None for j, n in enumerate(n_gates)]
+  alpha = jnp.zeros(len(slot.candidates))
+  params = mixed.init(jax.random.PRNGKey(0), x, alpha, gates, True, 1.0)["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(5), p.shape), params)
+  checked = 0
+  for j, cand in enumerate(slot.candidates):
+    if cand.op != "mbconv":
+      continue
+    fam = "e1" if cand.expansion == 1 else "ex"
+    hidden = slot.hidden_max(cand)
+    kh, kw = sn.ops_lib.pair(cand.kernel)
+    big_h, big_w = params[f"{fam}_dw"].shape[:2]
+    top, left = (big_h - kh) // 2, (big_w - kw) // 2
+    own = {"dw": params[f"{fam}_dw"][top:top + kh, left:left + kw, :hidden],
+           "dw_bn": {"scale": params[f"{fam}_dw_bn_scale"][:hidden], "bias": params[f"{fam}_dw_bn_bias"][:hidden]},
+           "project": params[f"{fam}_project"][:hidden],
+           "project_bn": {"scale": params[f"{fam}_project_bn_scale"], "bias": params[f"{fam}_project_bn_bias"]}}
+    if cand.expansion != 1:
+      own["expand"] = params[f"{fam}_expand"][:, :hidden]
+      own["expand_bn"] = {"scale": params[f"{fam}_expand_bn_scale"][:hidden],
+                          "bias": params[f"{fam}_expand_bn_bias"][:hidden]}
+    block = sn.MBConvCandidate(slot.out_channels, cand.kernel, cand.expansion, slot.stride, slot.residual_ok,
+                               space.gate_group)
+    want = block.apply({"params": own}, x, gates[j])
+    got = mixed.apply({"params": params}, j, x, gates, method=sn.MixedOp._run)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    checked += 1
+  assert checked == sum(c.op == "mbconv" for c in slot.candidates) >= 3
+
+
+def test_an_entangled_gumbel_step_trains_the_weights_every_candidate_of_its_family_shares(space, batch):
+  """The point of entangling: whichever expanding candidate a Gumbel step samples, the expand/depthwise/project
+  core every other expanding candidate runs on gets a gradient (with independent weights only the sampled
+  candidate's own do)."""
+  obj = make_objective(space, "gumbel", "entangled")
+  state = obj.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  ex = [j for j, c in enumerate(space.slots()[0].candidates) if c.op == "mbconv" and c.expansion > 1]
+  for j in ex:  # force candidate j in every layer
+    arch = dict(state.arch, alpha=[jnp.where(jnp.arange(len(a)) == j, 50.0, -50.0) for a in state.arch["alpha"]])
+    loss = lambda w: obj.task_loss(w, arch, batch, jax.random.PRNGKey(1), 1.0)[0]
+    g = jax.grad(loss)(state.weights)["layer_0"]
+    k = sn.ops_lib.pair(space.slots()[0].candidates[j].kernel)[0]
+    centre = (g["ex_dw"].shape[0] - k) // 2
+    assert float(jnp.max(jnp.abs(g["ex_dw"][centre:centre + k, centre:centre + k]))) > 0
+    assert float(jnp.max(jnp.abs(g["ex_expand"]))) > 0 and float(jnp.max(jnp.abs(g["ex_project"]))) > 0
+    assert float(jnp.max(jnp.abs(g["e1_dw"]))) == 0  # the other family did not run

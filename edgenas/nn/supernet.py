@@ -13,6 +13,13 @@ Relaxations of a mixed op (chosen by config):
 - "sigmoid" (FairDARTS): every candidate runs, outputs mixed by independent sigmoid(α); a zero-one loss pushes
   each weight to 0 or 1.
 
+Weights (`config.search.weight_sharing`):
+- "independent": every candidate has its own weights, so a one-path (Gumbel) step trains a tenth of a layer.
+- "entangled" (Single-Path NAS superkernel, Once-for-All's nested widths): a slot's expanding candidates share
+  one expand / depthwise / project set, as wide as the largest expansion, and each runs on its first `hidden`
+  channels and the centred kh x kw of the largest kernel; the unexpanded candidates share another. Every step
+  trains what all candidates of the sampled family use.
+
 Channel gates (hard-concrete / L0, Louizos et al. 2018) sit on the expanded channels of each expanding candidate,
 one gate per `gate_group` channels, after the depthwise conv's BatchNorm and ReLU6, just before the projection:
 there a gate's value changes the block's output. (Before the depthwise conv, the per-channel batch-statistics
@@ -26,6 +33,7 @@ search): candidates that rarely run would otherwise carry stale running statisti
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -40,6 +48,7 @@ from edgenas.nn.depthwise import depthwise_conv
 from edgenas.nn.model import conv2d, global_avg_pool, pointwise, relu6
 
 RELAXATIONS = ("softmax", "gumbel", "sigmoid")
+WEIGHT_SHARING = ("independent", "entangled")
 
 # Hard-concrete stretch interval and temperature (Louizos et al. 2018, Sec. 4).
 HC_GAMMA, HC_ZETA, HC_BETA = -0.1, 1.1, 2.0 / 3.0
@@ -173,17 +182,25 @@ def gate_fractions(space: space_lib.SearchSpace, arch: ArchParams) -> list:
           for row in candidate_gates(space, arch)]
 
 
+BN_EPS = 1e-3
+
+
+def batch_stat_norm(x, scale, bias, eps: float = BN_EPS):
+  """Normalises with the batch's own statistics, then the affine (scale, bias)."""
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
 class BatchStatNorm(nn.Module):
   """BatchNorm with batch statistics only and a learned affine."""
-  eps: float = 1e-3
+  eps: float = BN_EPS
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return y * self.param("scale", nn.initializers.ones, (c,)) + self.param("bias", nn.initializers.zeros, (c,))
+    return batch_stat_norm(x, self.param("scale", nn.initializers.ones, (c,)),
+                           self.param("bias", nn.initializers.zeros, (c,)), self.eps)
 
 
 class MBConvCandidate(nn.Module):
@@ -215,12 +232,39 @@ class MBConvCandidate(nn.Module):
     return h + x if self.residual else h
 
 
+def _centred(kernel_hw, shared_hw) -> tuple[slice, slice]:
+  """The rows and columns of a kh x kw kernel inside the shared KH x KW one: its centre, so that k3 is the middle
+  of k5 and 7x3 the middle columns of a 7x5 (Single-Path NAS's superkernel)."""
+  return tuple(slice((big - k) // 2, (big - k) // 2 + k) for k, big in zip(kernel_hw, shared_hw))
+
+
+def entangled_mbconv(x, p, gate, *, kernel, hidden: int, stride, residual: bool, gate_group: int):
+  """One candidate of an entangled slot, run on slices of the weights its family shares (`p`): the first `hidden`
+  expanded channels, and the centred kh x kw of the depthwise kernel. The same operators, in the same order, as
+  `MBConvCandidate`, so a candidate computes what its own network would with those weights."""
+  h = x
+  if "expand" in p:
+    h = pointwise(h, p["expand"][:, :hidden])
+    h = relu6(batch_stat_norm(h, p["expand_bn_scale"][:hidden], p["expand_bn_bias"][:hidden]))
+  rows, cols = _centred(ops_lib.pair(kernel), p["dw"].shape[:2])
+  h = depthwise_conv(h, p["dw"][rows, cols, :hidden], stride)
+  h = relu6(batch_stat_norm(h, p["dw_bn_scale"][:hidden], p["dw_bn_bias"][:hidden]))
+  if "expand" in p:
+    h = h * jnp.repeat(gate, gate_group)[:hidden]
+  h = batch_stat_norm(pointwise(h, p["project"][:hidden]), p["project_bn_scale"], p["project_bn_bias"])
+  return h + x if residual else h
+
+
 class MixedOp(nn.Module):
   slot: space_lib.LayerSlot
   gate_group: int
   relaxation: str
+  weight_sharing: str = "independent"
 
   def setup(self):
+    if self.weight_sharing == "entangled":
+      self._setup_entangled()
+      return
     # Gumbel runs one candidate per layer under `nn.switch`. Differentiating a switch makes every branch return
     # the union of all branches' residuals (zeros for the branches not taken), which cost more than the chosen
     # path itself; rematerialised candidates keep only their inputs, so the backward pass re-runs the one chosen
@@ -232,12 +276,55 @@ class MixedOp(nn.Module):
         for j, c in enumerate(self.slot.candidates)
     ]
 
+  def _setup_entangled(self):
+    """Weight-entangled candidates (Single-Path NAS, Once-for-All): the expanding candidates share one expand /
+    depthwise / project set, as wide as the largest expansion and as large as the largest kernel; the unexpanded
+    ones (no expand conv, a different input to the depthwise) share another. A step that runs any candidate then
+    trains the core every other candidate of its family uses, instead of each of a layer's ten candidates getting
+    a tenth of the steps (measured on keyword spotting: see experiments/kws.py)."""
+    slot = self.slot
+    cin, cout = slot.in_channels, slot.out_channels
+    conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+    families = {}
+    for c in slot.candidates:
+      if c.op == arch_lib.MBCONV:
+        fam = families.setdefault("e1" if c.expansion == 1 else "ex", dict(expansion=1, kh=1, kw=1))
+        kh, kw = ops_lib.pair(c.kernel)
+        fam.update(expansion=max(fam["expansion"], c.expansion), kh=max(fam["kh"], kh), kw=max(fam["kw"], kw))
+    shared = {}
+    for name, fam in families.items():
+      hidden = cin * fam["expansion"]
+      p = {}
+      if name == "ex":
+        p["expand"] = self.param(f"{name}_expand", conv_init, (cin, hidden))
+        p["expand_bn_scale"] = self.param(f"{name}_expand_bn_scale", nn.initializers.ones, (hidden,))
+        p["expand_bn_bias"] = self.param(f"{name}_expand_bn_bias", nn.initializers.zeros, (hidden,))
+      p["dw"] = self.param(f"{name}_dw", dw_init, (fam["kh"], fam["kw"], hidden))
+      p["dw_bn_scale"] = self.param(f"{name}_dw_bn_scale", nn.initializers.ones, (hidden,))
+      p["dw_bn_bias"] = self.param(f"{name}_dw_bn_bias", nn.initializers.zeros, (hidden,))
+      p["project"] = self.param(f"{name}_project", conv_init, (hidden, cout))
+      p["project_bn_scale"] = self.param(f"{name}_project_bn_scale", nn.initializers.ones, (cout,))
+      p["project_bn_bias"] = self.param(f"{name}_project_bn_bias", nn.initializers.zeros, (cout,))
+      shared[name] = p
+    self.shared = shared  # Flax freezes a dict assigned in setup: filled first, then assigned
+    self.cands = [None] * len(slot.candidates)
+
   def _run(self, j, x, gates):
+    if self.weight_sharing == "entangled":
+      c = self.slot.candidates[j]
+      if c.op != arch_lib.MBCONV:
+        return x
+      fn = functools.partial(entangled_mbconv, kernel=c.kernel, hidden=self.slot.hidden_max(c),
+                             stride=self.slot.stride, residual=self.slot.residual_ok, gate_group=self.gate_group)
+      if self.relaxation == "gumbel":  # as the independent candidates are rematerialised (see setup)
+        fn = jax.checkpoint(fn)
+      return fn(x, self.shared["e1" if c.expansion == 1 else "ex"], gates[j])
     cand = self.cands[j]
     return x if cand is None else cand(x, gates[j])
 
   def __call__(self, x, alpha, gates, train: bool, tau, arch_step: bool = False):
-    n = len(self.cands)
+    n = len(self.slot.candidates)
     if self.is_initializing():  # every branch must create its parameters
       return sum(self._run(j, x, gates) for j in range(n)) / n
     if self.relaxation == "gumbel":
@@ -254,14 +341,15 @@ class MixedOp(nn.Module):
     runner-up of the Gumbel top-2 and relaxes the choice between the two, as ProxylessNAS's two-path binary
     gates do: value o_first, gradient of softmax((α + g)/τ) restricted to the pair, straight through.
     """
-    branches = [lambda mdl, x, gates, j=j: mdl._run(j, x, gates) for j in range(len(self.cands))]
+    n = len(self.slot.candidates)
+    branches = [lambda mdl, x, gates, j=j: mdl._run(j, x, gates) for j in range(n)]
     if not train:
       return nn.switch(jnp.argmax(alpha), branches, self, x, gates)
     scores = alpha + jax.random.gumbel(self.make_rng("gumbel"), alpha.shape)
     first = jnp.argmax(scores)
-    if not arch_step or len(self.cands) == 1:
+    if not arch_step or n == 1:
       return nn.switch(first, branches, self, x, gates)
-    second = jnp.argmax(jnp.where(jnp.arange(len(self.cands)) == first, -jnp.inf, scores))
+    second = jnp.argmax(jnp.where(jnp.arange(n) == first, -jnp.inf, scores))
     pair = jax.nn.softmax(jnp.stack([scores[first], scores[second]]) / tau)
     hard = jnp.array([1.0, 0.0]) - jax.lax.stop_gradient(pair) + pair  # value (1, 0), gradient of the pair
     return (hard[0] * nn.switch(first, branches, self, x, gates)
@@ -271,6 +359,7 @@ class MixedOp(nn.Module):
 class Supernet(nn.Module):
   space: space_lib.SearchSpace
   relaxation: str = "softmax"
+  weight_sharing: str = "independent"  # or "entangled" (see MixedOp._setup_entangled)
 
   @nn.compact
   def __call__(self, x, arch: ArchParams, train: bool = True, tau=1.0, arch_step: bool = False):
@@ -284,8 +373,8 @@ class Supernet(nn.Module):
       gate_values = gate_deterministic(arch["gate"])
     for i, (slot, row) in enumerate(zip(s.slots(), gate_layout(s))):
       gates = [gate_values[o:o + n] if n else None for o, n in row]
-      x = MixedOp(slot, s.gate_group, self.relaxation, name=f"layer_{i}")(x, arch["alpha"][i], gates, train, tau,
-                                                                              arch_step)
+      x = MixedOp(slot, s.gate_group, self.relaxation, self.weight_sharing, name=f"layer_{i}")(
+          x, arch["alpha"][i], gates, train, tau, arch_step)
     if s.head_channels:
       x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                   (x.shape[-1], s.head_channels)))
