@@ -191,7 +191,12 @@ def test_the_refit_keeps_latency_and_energy_and_the_points():
     p = platform_lib.load_platform(name)
     fitted = regressor.fit_platform(p)
     for quantity in ("latency_ms", "energy_uj", "instructions", "flash_reads"):
-      assert fitted.regressor[quantity] == p.regressor[quantity], (name, quantity)
+      # Equal up to the non-negative least squares' numerical zeros: coefficients of 1e-19 to 4e-17 came out
+      # different on an AMD EPYC and on the Xeon that fitted the profiles (BLAS reduction order).
+      assert set(fitted.regressor[quantity]) == set(p.regressor[quantity]), (name, quantity)
+      for op, coefs in p.regressor[quantity].items():
+        np.testing.assert_allclose(fitted.regressor[quantity][op], coefs, rtol=1e-6, atol=1e-12,
+                                   err_msg=f"{name} {quantity} {op}")
     assert fitted.operating_points == p.operating_points
     assert fitted.to_dict()["operating_points"] == p.to_dict()["operating_points"]
 
