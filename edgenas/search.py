@@ -118,7 +118,8 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
     raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
   return ml_collections.ConfigDict(dict(
       relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
-      weight_sharing=s.get("weight_sharing", "independent"), penalty=c.penalty, lam=float(c.lam), cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
+      weight_sharing=s.get("weight_sharing", "independent"), penalty=c.penalty, lam=float(c.lam),
+      cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
       memory_weight=float(c.get("memory_weight", 0.0)), memory_budget=float(c.get("memory_budget", 0))))
 
 
