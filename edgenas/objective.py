@@ -23,6 +23,9 @@ from edgenas import space as space_lib
 from edgenas.nn import supernet as supernet_lib
 
 PENALTIES = ("none", "additive", "mnas", "target")
+# The supernet's forward and backward run in this dtype; parameters, optimizer state and losses stay float32
+# (mixed precision: bfloat16 halves activation memory and runs on GPU/TPU matrix units).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # The log-ratio form CE·(log E / log T)^β this used to offer as "multiplicative": it depends on the cost's unit
 # (NaN when E < 1, e.g. latency in ms of a small net on the Cortex-M7), so a config asking for it is refused.
 RETIRED_PENALTIES = {"multiplicative": "mnas"}
@@ -88,6 +91,7 @@ class Objective:
     self.model = supernet_lib.Supernet(space, cfg.relaxation, cfg.get("weight_sharing", "independent"))
     self.op_cost, self.memory_fn = op_cost, memory_fn
     self.w_tx, self.a_tx = w_tx, a_tx
+    self.compute_dtype = jnp.dtype(cfg.get("compute_dtype", "float32"))
 
   # ---- pieces
   def probs(self, arch):
@@ -104,8 +108,11 @@ class Objective:
 
   def logits(self, weights, arch, images, rng, train: bool, tau, arch_step: bool = False):
     g_rng, h_rng = jax.random.split(rng)
-    return self.model.apply({"params": weights}, images, arch, train=train, tau=tau, arch_step=arch_step,
-                            rngs={"gumbel": g_rng, "gates": h_rng})
+    if self.compute_dtype != jnp.float32:  # cast inside the differentiated function: gradients come back float32
+      weights, arch, images = jax.tree.map(lambda v: v.astype(self.compute_dtype), (weights, arch, images))
+    logits = self.model.apply({"params": weights}, images, arch, train=train, tau=tau, arch_step=arch_step,
+                              rngs={"gumbel": g_rng, "gates": h_rng})
+    return logits.astype(jnp.float32)
 
   def task_loss(self, weights, arch, batch, rng, tau, arch_step: bool = False):
     """Cross-entropy and accuracy; `arch_step` selects the relaxation's architecture-gradient path."""

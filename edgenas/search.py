@@ -118,7 +118,8 @@ def objective_config(config, cost_ref: float) -> ml_collections.ConfigDict:
     raise SearchConfigError(f"config.cost.target must be > 0 for the {c.penalty} penalty, got {c.target}")
   return ml_collections.ConfigDict(dict(
       relaxation=s.relaxation, second_order=s.second_order, zero_one_weight=s.zero_one_weight,
-      weight_sharing=s.get("weight_sharing", "independent"), penalty=c.penalty, lam=float(c.lam),
+      weight_sharing=s.get("weight_sharing", "independent"), compute_dtype=s.get("compute_dtype", "float32"),
+      penalty=c.penalty, lam=float(c.lam),
       cost_ref=float(cost_ref), target=float(c.target), beta=float(c.beta),
       memory_weight=float(c.get("memory_weight", 0.0)), memory_budget=float(c.get("memory_budget", 0))))
 
@@ -151,6 +152,8 @@ def check_config(config) -> None:
   checks.choice(s, "relaxation", "config.search", err, supernet_lib.RELAXATIONS)
   if "weight_sharing" in s:
     checks.choice(s, "weight_sharing", "config.search", err, supernet_lib.WEIGHT_SHARING)
+  if "compute_dtype" in s:
+    checks.choice(s, "compute_dtype", "config.search", err, objective_lib.COMPUTE_DTYPES)
   epochs = checks.number(s, "epochs", "config.search", err, integer=True, ge=1)
   checks.number(s, "warmup_epochs", "config.search", err, ge=0, lt=epochs,
                 why=f"warm-up epochs train the weights only; config.search.epochs is {epochs}")

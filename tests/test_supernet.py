@@ -26,10 +26,11 @@ def batch():
           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
 
 
-def make_objective(space, relaxation, weight_sharing="independent", **cost_overrides):
+def make_objective(space, relaxation, weight_sharing="independent", compute_dtype="float32", **cost_overrides):
   c = tiny.get_config()
   c.search.relaxation = relaxation
   c.search.weight_sharing = weight_sharing
+  c.search.compute_dtype = compute_dtype
   c.cost.model = "macs"
   c.cost.update(cost_overrides)
   ocfg = search.objective_config(c, cost_ref=1e5)
@@ -156,6 +157,10 @@ def test_bad_search_config_is_refused():
   c = tiny.get_config()
   c.search.weight_sharing = "shared"
   with pytest.raises(search.SearchConfigError, match="config.search.weight_sharing must be one of"):
+    search.check_config(c)
+  c = tiny.get_config()
+  c.search.compute_dtype = "float16"
+  with pytest.raises(search.SearchConfigError, match="config.search.compute_dtype must be one of"):
     search.check_config(c)
 
 
@@ -369,3 +374,27 @@ def test_an_entangled_gumbel_step_trains_the_weights_every_candidate_of_its_fami
     assert float(jnp.max(jnp.abs(g["ex_dw"][centre:centre + k, centre:centre + k]))) > 0
     assert float(jnp.max(jnp.abs(g["ex_expand"]))) > 0 and float(jnp.max(jnp.abs(g["ex_project"]))) > 0
     assert float(jnp.max(jnp.abs(g["e1_dw"]))) == 0  # the other family did not run
+
+
+@pytest.mark.parametrize("relaxation", ["softmax", "gumbel"])  # sigmoid mixes as softmax does
+def test_a_bfloat16_search_computes_in_bfloat16_and_keeps_float32_state(space, batch, relaxation):
+  """config.search.compute_dtype = "bfloat16": the supernet's activations are bfloat16 (GPU/TPU matrix units,
+  half the activation memory), while the weights, α, gates, optimizer state and losses stay float32, and the
+  steps agree with the float32 ones to bfloat16 precision."""
+  obj32 = make_objective(space, relaxation, lam=0.5, penalty="additive")
+  obj16 = make_objective(space, relaxation, compute_dtype="bfloat16", lam=0.5, penalty="additive")
+  state = obj32.init_state(jax.random.PRNGKey(0), batch["image"][:1])
+  dtypes = {e.outvars[0].aval.dtype for e in jax.make_jaxpr(
+      lambda w: obj16.task_loss(w, state.arch, batch, jax.random.PRNGKey(1), 1.0))(state.weights).jaxpr.eqns
+      if e.primitive.name in ("conv_general_dilated", "dot_general")}
+  assert dtypes == {jnp.dtype("bfloat16")}, dtypes
+  results = []
+  for obj in (obj32, obj16):
+    s1, wm = jax.jit(obj.weight_step)(state, batch, 1.0)
+    s2, am = jax.jit(obj.arch_step)(s1, batch, batch, 1.0, 0.01)
+    leaves = jax.tree.leaves((s2.weights, s2.arch, s2.w_opt, s2.a_opt))
+    assert {x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    assert wm["train_ce"].dtype == jnp.float32 and np.isfinite(float(am["val_ce"]))
+    results.append((float(wm["train_ce"]), float(am["val_ce"])))
+  np.testing.assert_allclose(results[1], results[0], rtol=0.05)
+

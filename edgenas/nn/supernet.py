@@ -371,10 +371,11 @@ class Supernet(nn.Module):
       gate_values = gate_sample(arch["gate"], self.make_rng("gates"))
     else:
       gate_values = gate_deterministic(arch["gate"])
+    gate_values = gate_values.astype(x.dtype)  # a bfloat16 search stays bfloat16 (float32 draws would promote)
     for i, (slot, row) in enumerate(zip(s.slots(), gate_layout(s))):
       gates = [gate_values[o:o + n] if n else None for o, n in row]
       x = MixedOp(slot, s.gate_group, self.relaxation, self.weight_sharing, name=f"layer_{i}")(
-          x, arch["alpha"][i], gates, train, tau, arch_step)
+          x, arch["alpha"][i], gates, train, tau, arch_step).astype(x.dtype)
     if s.head_channels:
       x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                   (x.shape[-1], s.head_channels)))
