@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from edgenas import aot
 from edgenas import architecture as arch_lib
 from edgenas import checks
 from edgenas import cost as cost_lib
@@ -361,10 +362,13 @@ def _search(config, workdir: str) -> dict:
   init_fn = jax.jit(obj.init_state, out_shardings=repl)
   state = init_fn(jax.random.PRNGKey(config.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
   weight_step = jax.jit(obj.weight_step, out_shardings=(repl, repl), donate_argnums=0)
-  arch_step = jax.jit(obj.arch_step, out_shardings=(repl, repl), donate_argnums=0)
-  eval_fn = jax.jit(obj.eval_step)
   lr_at = optim.weight_lr_schedule(config.weights, total)
   batch_at = lambda stream, step: parallel.global_batch(dict(zip(("image", "label"), stream.batch_at(step))), mesh)
+  # The α step and the evaluation compile in the background while the first (warm-up) steps train.
+  example = (state, batch_at(train_stream, 0), batch_at(val_stream, 0), jnp.float32(1.0), jnp.float32(0.1))
+  arch_step = aot.compile_in_background(
+      jax.jit(obj.arch_step, out_shardings=(repl, repl), donate_argnums=0), *example)
+  eval_fn = aot.compile_in_background(jax.jit(obj.eval_step), state, example[1])
 
   def step_fn(state, step):
     tau = jnp.float32(tau_at(step, total, s))

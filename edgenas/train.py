@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from edgenas import aot
 from edgenas import architecture as arch_lib
 from edgenas import checkpoint as ckpt_lib
 from edgenas import checks
@@ -315,11 +316,16 @@ def _retrain(config, arch: arch_lib.Architecture, workdir: str, platform_names: 
   float_step = jax.jit(trainer.float_step, out_shardings=(repl, repl), donate_argnums=0)
   qat_step = jax.jit(trainer.qat_step, out_shardings=(repl, repl), donate_argnums=0)
 
-  def step_fn(state, step):
+  def batch_at(step):
     images, labels = stream.batch_at(step)
     images = data_lib.augment(images, np.random.default_rng([config.seed, step]), rc.max_shift, flip)
-    batch = _device_batch({"image": images, "label": labels}, mesh)
-    return (qat_step if step >= qat_start else float_step)(state, batch)
+    return _device_batch({"image": images, "label": labels}, mesh)
+
+  if 0 < qat_start < total:  # the QAT step compiles in the background while the float epochs train
+    qat_step = aot.compile_in_background(qat_step, state, batch_at(0))
+
+  def step_fn(state, step):
+    return (qat_step if step >= qat_start else float_step)(state, batch_at(step))
 
   def diverged(step, record):
     return f"the loss became {record['loss']} at step {step}" if loop_lib.non_finite(record, ("loss",)) else None
