@@ -1,4 +1,5 @@
-"""A 4-λ sweep on the digits config: sequential searches against one vectorised population.
+"""A λ sweep on an experiment config: sequential searches against one vectorised population, and (--retrain) the
+accuracy/energy front of the retrained members.
 
 Each mode runs `python -m launch.sweep` in its own subprocess with its own, initially empty, JAX compilation cache
 (so no mode profits from an earlier one, while the members of the sequential sweep may share programs that do
@@ -15,11 +16,17 @@ earlier 4-epoch run had not reached step 50 after 1350 s), so it is not in the d
 Monotonicity is checked per mode, on the derived architectures' predicted energy and on the expected energy
 under the final architecture distribution.
 
-Usage: python -m benchmarks.sweep [--epochs 0] [--warmup_epochs -1] [--lambdas 0,0.3,1,3] [--modes seq,scan]
+With --retrain every member (and the config's baselines) is retrained by `launch.sweep --retrain`, and each mode
+also records the retrained int8 fake-quant test accuracy per λ, whether the front is monotone (accuracy never
+rises as λ rises) and the accuracy spread between its largest and smallest member, in points.
+
+Usage: python -m benchmarks.sweep [--config digits|kws] [--epochs 0] [--warmup_epochs -1] [--lambdas 0,0.3,1,3]
+       [--modes seq,scan] [--retrain]        # writes benchmarks/results/sweep.json (digits) or sweep_<config>.json
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -27,24 +34,23 @@ import sys
 import tempfile
 import time
 
-from experiments import digits
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"seq": [], "vmap": ["--vectorize", "--chunk=0"], "scan": ["--vectorize", "--chunk=1"]}
-CONFIG = """from experiments import digits
+CONFIGS = ("digits", "kws")
+CONFIG = """from experiments import {name}
 
 
 def get_config():
-  c = digits.get_config()
+  c = {name}.get_config()
 {overrides}  return c
 """
 
 
-def run_mode(mode: str, config_path: str, lambdas: str, scratch: str) -> dict:
+def run_mode(mode: str, config_path: str, lambdas: str, scratch: str, retrain: bool = False) -> dict:
   workdir = os.path.join(scratch, mode)
   env = {**os.environ, "EDGENAS_JAX_CACHE": os.path.join(scratch, f"jax_cache_{mode}"), "JAX_PLATFORMS": "cpu"}
   command = [sys.executable, "-m", "launch.sweep", f"--config={config_path}", f"--workdir={workdir}",
-             f"--lambdas={lambdas}", *MODES[mode]]
+             f"--lambdas={lambdas}", *MODES[mode], *(["--retrain"] if retrain else [])]
   start = time.perf_counter()
   with open(os.path.join(scratch, f"{mode}.log"), "w") as log:
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -53,16 +59,38 @@ def run_mode(mode: str, config_path: str, lambdas: str, scratch: str) -> dict:
   if os.waitstatus_to_exitcode(status) != 0:
     raise SystemExit(f"{mode} sweep failed; see {log.name}")
   with open(os.path.join(workdir, "sweep.json")) as f:
-    members = json.load(f)["members"]
+    sweep = json.load(f)
+  members = sweep["members"]
   energy = {f"{m['lam']:g}": m["energy_uj"] for m in members}
-  return dict(wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-              search_loop_s=[round(_loop_seconds(workdir, m), 1) for m in members],
-              energy_uj_by_lambda=energy, expected_energy_by_lambda={f"{m['lam']:g}": m["expected_cost"]
-                                                                     for m in members},
-              val_acc_by_lambda={f"{m['lam']:g}": m["val_acc"] for m in members},
-              arch_by_lambda={f"{m['lam']:g}": " ".join(m["layers"]) for m in members},
-              energy_monotone_non_increasing=_non_increasing([energy[f"{m['lam']:g}"] for m in members]),
-              expected_energy_monotone_non_increasing=_non_increasing([m["expected_cost"] for m in members]))
+  out = dict(wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+             search_loop_s=[round(_loop_seconds(workdir, m), 1) for m in members],
+             energy_uj_by_lambda=energy, expected_energy_by_lambda={f"{m['lam']:g}": m["expected_cost"]
+                                                                   for m in members},
+             val_acc_by_lambda={f"{m['lam']:g}": m["val_acc"] for m in members},
+             arch_by_lambda={f"{m['lam']:g}": " ".join(m["layers"]) for m in members},
+             energy_monotone_non_increasing=_non_increasing([energy[f"{m['lam']:g}"] for m in members]),
+             expected_energy_monotone_non_increasing=_non_increasing([m["expected_cost"] for m in members]))
+  if retrain:
+    out.update(_retrained_front(members, sweep.get("baselines", [])))
+  return out
+
+
+def _retrained_front(members: list, baselines: list) -> dict:
+  """The retrained members' accuracy/energy front (members are in λ order, smallest first)."""
+  members = sorted(members, key=lambda m: m["lam"])
+  acc = [m["test_acc"] for m in members]
+  if any(m["test_acc_source"] != "retrained_fake_quant" for m in members):
+    raise SystemExit("sweep: not every member was retrained; see the log")
+  front = [m for m in members if m.get("on_front")]
+  return dict(
+      test_acc_source="retrained_fake_quant",
+      test_acc_by_lambda={f"{m['lam']:g}": m["test_acc"] for m in members},
+      test_acc_float_by_lambda={f"{m['lam']:g}": m["test_acc_float"] for m in members},
+      macs_by_lambda={f"{m['lam']:g}": m["macs"] for m in members},
+      accuracy_monotone_non_increasing=_non_increasing(acc),
+      front_ids=[m["id"] for m in front],
+      front_spread_points=round(100 * (max(m["test_acc"] for m in front) - min(m["test_acc"] for m in front)), 2),
+      baselines=[dict(name=b["name"], test_acc=b["test_acc"], energy_uj=b["energy_uj"]) for b in baselines])
 
 
 def _loop_seconds(workdir: str, member: dict) -> float:
@@ -76,12 +104,16 @@ def _non_increasing(values) -> bool:
 
 def main():
   parser = argparse.ArgumentParser()
+  parser.add_argument("--config", default="digits", choices=CONFIGS)
   parser.add_argument("--epochs", type=int, default=0, help="0: the config's own")
   parser.add_argument("--warmup_epochs", type=float, default=-1, help="negative: the config's own")
   parser.add_argument("--lambdas", default="0,0.3,1,3")
   parser.add_argument("--modes", default="seq,scan")
-  parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "sweep.json"))
+  parser.add_argument("--retrain", action="store_true", help="retrain every member and record the front")
+  parser.add_argument("--out", default="", help="default: benchmarks/results/sweep.json, or sweep_<config>.json")
   args = parser.parse_args()
+  name = "sweep" if args.config == "digits" else f"sweep_{args.config}"
+  out_path = args.out or os.path.join(REPO_ROOT, "benchmarks", "results", f"{name}.json")
   lambdas = sorted(float(v) for v in args.lambdas.split(","))
   lambda_text = ",".join(f"{v:g}" for v in lambdas)
   with tempfile.TemporaryDirectory(prefix="sweep_bench_") as scratch:
@@ -89,12 +121,12 @@ def main():
     with open(config_path, "w") as f:
       overrides = (f"  c.search.epochs = {args.epochs}\n" if args.epochs > 0 else "") + (
           f"  c.search.warmup_epochs = {args.warmup_epochs}\n" if args.warmup_epochs >= 0 else "")
-      f.write(CONFIG.format(overrides=overrides))
-    modes = {m: run_mode(m, config_path, lambda_text, scratch) for m in args.modes.split(",")}
+      f.write(CONFIG.format(name=args.config, overrides=overrides))
+    modes = {m: run_mode(m, config_path, lambda_text, scratch, args.retrain) for m in args.modes.split(",")}
   seq = modes.get("seq")
-  default = digits.get_config().search
+  default = importlib.import_module(f"experiments.{args.config}").get_config().search
   result = dict(
-      benchmark="sweep", lambdas=lambdas, config="experiments/digits.py",
+      benchmark="sweep", lambdas=lambdas, config=f"experiments/{args.config}.py", retrain=args.retrain,
       epochs=args.epochs if args.epochs > 0 else default.epochs,
       warmup_epochs=args.warmup_epochs if args.warmup_epochs >= 0 else default.warmup_epochs,
       cpu_count=os.cpu_count(), load_avg_1m_at_end=os.getloadavg()[0],
@@ -103,8 +135,8 @@ def main():
       note=("seq: members one after another; scan: --vectorize --chunk=1, members stepped in turn inside one "
             "compiled program; vmap: every member stepped at once (Gumbel's switch becomes select: all candidates "
             "run). Each mode has its own fresh JAX compilation cache."))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  with open(out_path, "w") as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, indent=2))
 
