@@ -180,11 +180,12 @@ def run_population_search(configs: Sequence, workdirs: Sequence[str], pop_dir: s
   state = steps.init(jax.random.PRNGKey(base.seed), jnp.zeros((1,) + tuple(space.input_shape), jnp.float32))
   lr_at = optim.weight_lr_schedule(base.weights, total)
   batch_at = lambda stream, step: parallel.replicate(dict(zip(("image", "label"), stream.batch_at(step))), mesh)
-  # As in search.run_search: the α step and the evaluation compile in the background while the first steps train.
+  # As in search.run_search: the evaluation and the α step compile in the background while the first steps train.
   tb, vb = batch_at(train_stream, 0), batch_at(val_stream, 0)
-  steps.arch_step = aot.compile_in_background(steps.arch_step, state, tb, vb, jnp.float32(1.0), jnp.float32(0.1),
-                                              lam, target)
   steps.correct = aot.compile_in_background(steps.correct, state, tb)
+  if warmup < total:
+    steps.arch_step = aot.compile_in_background(steps.arch_step, state, tb, vb, jnp.float32(1.0),
+                                                jnp.float32(0.1), lam, target)
 
   def step_fn(state, step):
     tau = jnp.float32(search_lib.tau_at(step, total, s))
