@@ -31,7 +31,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HC_GAMMA, HC_ZETA, HC_BETA, GATE_INIT_LOGIT = -0.1, 1.1, 2.0 / 3.0, 3.0  # edgenas.nn.supernet's hard-concrete
 
 
 def _space():
@@ -46,6 +45,7 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
   import torch
   import torch.nn.functional as F
   from torch import nn
+  from edgenas.nn import supernet as sn  # the hard-concrete constants and the gate layout, not its JAX code
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
@@ -111,7 +111,7 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
             continue
           cands.append(MBConv(slot.in_channels, slot.out_channels, c.kernel, c.expansion, slot.stride,
                               slot.residual_ok, space.gate_group))
-          n = math.ceil(slot.hidden_max(c) / space.gate_group) if c.expansion != 1 else 0
+          n = sn.n_gate_groups(slot, c, space.gate_group)
           slices.append((offset, n))
           offset += n
         self.layers.append(cands)
@@ -132,15 +132,15 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
 
   net = Supernet()
   alphas = [torch.zeros(len(s.candidates), requires_grad=True) for s in space.slots()]
-  gate_logits = torch.full((net.n_gates,), GATE_INIT_LOGIT, requires_grad=True)
+  gate_logits = torch.full((net.n_gates,), sn.GATE_INIT_LOGIT, requires_grad=True)
   # A linear cost per candidate (its MACs, normalised): the expected cost the architecture step sees.
   cand_cost = [torch.tensor([float(s.in_h * s.in_w * s.in_channels * max(c.expansion, 1)) if c.op != "skip"
                              else 0.0 for c in s.candidates]) / 1e6 for s in space.slots()]
 
   def gate_sample(logits):
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / HC_BETA)
-    return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + logits) / sn.HC_BETA)
+    return (s * (sn.HC_ZETA - sn.HC_GAMMA) + sn.HC_GAMMA).clamp(0.0, 1.0)
 
   model = torch.compile(net) if mode == "compile" else net
   w_opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=3e-4)
@@ -163,7 +163,7 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
   def arch_step():
     gates = gate_sample(gate_logits)
     ce = F.cross_entropy(model(val[0], alphas, gates), val[1])
-    open_prob = torch.sigmoid(gate_logits - HC_BETA * math.log(-HC_GAMMA / HC_ZETA)).mean()
+    open_prob = torch.sigmoid(gate_logits - sn.HC_BETA * math.log(-sn.HC_GAMMA / sn.HC_ZETA)).mean()
     probs = [torch.softmax(a, 0) if relaxation == "softmax" else torch.sigmoid(a) for a in alphas]
     cost = sum((p * c).sum() for p, c in zip(probs, cand_cost)) * open_prob
     grads = torch.autograd.grad(ce + 0.1 * cost, alphas + [gate_logits])  # α and gates only, not the weights
