@@ -46,6 +46,7 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
   import torch.nn.functional as F
   from torch import nn
   from edgenas.nn import supernet as sn  # the hard-concrete constants and the gate layout, not its JAX code
+  from edgenas.nn.depthwise import same_padding
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
@@ -53,11 +54,8 @@ def measure_torch(relaxation: str, mode: str, steps: int) -> dict:
 
   def same_pad(x, kh, kw, sh, sw):
     """TensorFlow's SAME padding (extra row/column at the end), as TFLite and edgenas use."""
-    def amount(size, k, s):
-      total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-      return total // 2, total - total // 2
-    top, bottom = amount(x.shape[2], kh, sh)
-    left, right = amount(x.shape[3], kw, sw)
+    _, top, bottom = same_padding(x.shape[2], kh, sh)
+    _, left, right = same_padding(x.shape[3], kw, sw)
     return F.pad(x, (left, right, top, bottom))
 
   class BatchStatNorm(nn.Module):
