@@ -20,7 +20,10 @@ loop is closed" traceback from tensorstore's threads (about 80 for a search stat
 lets those reads finish before the loop closes, so nothing is left to post to a closed loop.
 
 Saves are asynchronous; `close()` (or leaving the `with` block) waits for them to finish. In a multi-host run
-every process makes the same calls (orbax coordinates who writes what).
+every process makes the same calls (orbax coordinates who writes what). Two checkpointers saving at once from two
+threads (the pipeline's baselines beside its main stages) would share orbax's process-wide "current operation
+id", and one save's background commit then waits for the other's signal until it times out; so a save first waits
+for any other checkpointer's save still in flight (`_SAVES`).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from typing import Any, Mapping
+import threading
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +144,32 @@ def _all_finite(tree) -> bool:
   return all(bool(jnp.isfinite(leaf).all()) for leaf in floats)
 
 
+class _SavesInFlight:
+  """The checkpoint managers with an asynchronous save possibly still running, across threads."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.managers: set = set()
+
+  def start(self, manager, save: Callable[[], bool]) -> bool:
+    """Waits for every other manager's save, then starts this one with `save()`."""
+    with self.lock:
+      for other in list(self.managers):
+        if other is not manager:
+          other.wait_until_finished()
+          self.managers.discard(other)
+      started = save()
+      self.managers.add(manager)
+      return started
+
+  def finished(self, manager) -> None:
+    with self.lock:
+      self.managers.discard(manager)
+
+
+_SAVES = _SavesInFlight()
+
+
 class Checkpointer:
   """Saves a train state every `save_every` steps into `directory`, keeps the newest `keep`.
 
@@ -179,8 +209,8 @@ class Checkpointer:
       raise NonFiniteStateError(f"{self.directory}: state at step {step} holds NaN or Inf; not saved. "
                                 f"The latest good checkpoint is step {self.latest_step()}.")
     meta = {"user": dict(metadata or {}), "tree": tree_fingerprint(state)}
-    return self._manager.save(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=True)
+    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)})
+    return _SAVES.start(self._manager, lambda: self._manager.save(step, args=args, force=True))
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -188,6 +218,7 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.wait_until_finished()
+    _SAVES.finished(self._manager)
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
