@@ -24,7 +24,7 @@ metrics, the NaN/Inf stop, progress lines, checkpoints, and closing files whethe
 
 Ctrl-C (SIGINT) ends the step in progress, saves a checkpoint there and raises Interrupted (a second Ctrl-C stops
 at once, keeping the latest checkpoint); the launchers print "interrupted at step N; rerun the same command to
-resume" and exit 130.
+resume" and exit 130. A loop in another thread stops the same way when the event of `stop_when` is set.
 
 Batches and random draws are functions of (seed, step), so a run restarted on the same workdir ends where an
 uninterrupted run would. In a multi-host run every process runs the loop; process 0 writes the metrics files.
@@ -174,16 +174,46 @@ class Loop:
         f"{ckpt.directory}. {self.advice}")
 
 
+_thread = threading.local()  # .stop_event: see stop_when
+
+
+@contextlib.contextmanager
+def stop_when(event: threading.Event):
+  """Loops this thread runs inside the block stop as at a Ctrl-C once `event` is set: after the step in
+  progress, with a checkpoint there, raising Interrupted. For a loop in a thread other than the main one, which
+  never sees SIGINT: the pipeline sets the event of the baselines it runs beside the main stages when those stop."""
+  outer = getattr(_thread, "stop_event", None)
+  _thread.stop_event = event
+  try:
+    yield
+  finally:
+    _thread.stop_event = outer
+
+
+class _EventFlag:
+  """True once the event is set: what `_stop_on_sigint` yields in a thread under `stop_when`."""
+
+  def __init__(self, event: threading.Event):
+    self._event = event
+
+  def __bool__(self) -> bool:
+    return self._event.is_set()
+
+
 @contextlib.contextmanager
 def _stop_on_sigint():
   """Yields a list that becomes non-empty at the first Ctrl-C, which then no longer raises KeyboardInterrupt
   (the loop stops after the step in progress, with a checkpoint there); a second Ctrl-C raises as usual.
 
   Only where SIGINT still has Python's default handler, in the main thread of a single-process run: a
-  multi-host run's processes must stop at one step together, and a caller's own handler is left alone."""
+  multi-host run's processes must stop at one step together, and a caller's own handler is left alone. In
+  another thread, the flag is the event of `stop_when`, if any."""
   stop: list[bool] = []
-  if (threading.current_thread() is not threading.main_thread() or jax.process_count() > 1
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+  if threading.current_thread() is not threading.main_thread():
+    event = getattr(_thread, "stop_event", None)
+    yield stop if event is None else _EventFlag(event)
+    return
+  if jax.process_count() > 1 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
     yield stop
     return
 

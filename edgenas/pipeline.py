@@ -9,6 +9,13 @@ re-run or inspected with the launcher alone, and a pipeline started again resume
   DIR/baselines/<name>/  launch.retrain on each hand-designed reference network
   DIR/summary.json, DIR/summary.md
 
+The baselines do not depend on the search, so they retrain in a thread beside the search, retrain and export
+(in a single-process run): on 2 CPU cores one XLA program keeps about 1.6 cores busy, and each stage's
+compilation leaves cores idle that the other fills. Their progress lines start with `[baselines] `. If the main
+stages stop (an error, Ctrl-C), the baselines stop at their next step with a checkpoint there, and a rerun resumes
+both. The summary's `seconds.baselines` is then how long the pipeline waited for them after the export;
+`seconds.baselines_own` is their own wall time.
+
 The summary is rewritten only when what it summarises changed: a rerun of a finished pipeline leaves both files
 as they are. A stage finished before the run keeps the wall time recorded when it finished (the previous
 summary's, else the stage's own record), so a resume never reports its own few seconds as the stage's time.
@@ -30,6 +37,7 @@ from edgenas.console import say
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
+STAGES = ("search", "retrain", "export", "baselines")  # summary.json's seconds: these add up to its total
 
 
 def _row(name: str, report: dict, platform: str, export_report: dict | None = None) -> dict:
@@ -80,48 +88,57 @@ def _run_stages(config, workdir: str, t0: float, platform: str, baselines: bool,
   """`run_pipeline` once everything is checked and its workdir is locked."""
   search_dir = os.path.join(workdir, "search")
   finished = _finished_stages(config, workdir, baselines, export, targets)
-  say("== 1/4 search ==")
-  search_result = search_lib.run_search(config, search_dir)
-  arch = arch_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
-  t_search = time.time()
+  import jax
+  # Several processes must run their collectives in one order: there the baselines wait their turn.
+  overlap = baselines and bool(tuple(config.baselines)) and jax.process_count() == 1
+  say("== 1/4 search ==" + (" (the baselines retrain beside it, on lines starting [baselines])" if overlap else ""))
+  beside = _BaselinesBeside(config, workdir, platform) if overlap else None
+  try:
+    search_result = search_lib.run_search(config, search_dir)
+    arch = arch_lib.Architecture.load(os.path.join(search_dir, search_lib.ARCH_FILE))
+    t_search = time.time()
 
-  say("== 2/4 retrain the searched network ==")
-  retrain_dir = os.path.join(workdir, "retrain")
-  report = train_lib.run_retrain(config, arch, retrain_dir, platforms=[platform])
-  t_retrain = time.time()
+    say("== 2/4 retrain the searched network ==")
+    retrain_dir = os.path.join(workdir, "retrain")
+    report = train_lib.run_retrain(config, arch, retrain_dir, platforms=[platform])
+    t_retrain = time.time()
 
-  export_report, export_dir = None, None
-  if export:
-    say("== 3/4 export to TFLite Micro, verify in the TFLM interpreter"
-                   f"{' and on ' + ', '.join(targets) if targets else ''} ==")
-    from edgenas import export as export_lib
-    export_dir = os.path.join(retrain_dir, "export")
-    export_report = export_lib.export_workdir(retrain_dir, [platform], out_dir=export_dir, targets=targets)
-  t_export = time.time()
+    export_report, export_dir = None, None
+    if export:
+      say("== 3/4 export to TFLite Micro, verify in the TFLM interpreter"
+          f"{' and on ' + ', '.join(targets) if targets else ''} ==")
+      from edgenas import export as export_lib
+      export_dir = os.path.join(retrain_dir, "export")
+      export_report = export_lib.export_workdir(retrain_dir, [platform], out_dir=export_dir, targets=targets)
+    t_export = time.time()
 
-  rows = [_row("searched", report, platform, export_report)]
-  base_reports = []
-  if baselines:
-    say("== 4/4 baselines, same data, budget and cost model ==")
-    shape = tuple(arch.input_shape)
-    for name, base in baselines_lib.baseline_architectures(shape, arch.num_classes,
-                                                           names=tuple(config.baselines)).items():
-      base_report = retrain_cache.retrain_baseline(config, base, os.path.join(workdir, "baselines", name),
-                                                   [platform], train_lib.run_retrain)
-      rows.append(_row(name, base_report, platform))
-      base_reports.append(base_report)
+    base_reports = []
+    if baselines:
+      say("== 4/4 baselines, same data, budget and cost model ==")
+      if beside is not None:
+        base_reports = beside.result()
+      else:
+        base_reports = _retrain_baselines(config, workdir, platform, tuple(arch.input_shape), arch.num_classes)
+  except BaseException:
+    if beside is not None:
+      beside.stop()
+    raise
   t_end = time.time()
+  rows = [_row("searched", report, platform, export_report)]
+  rows += [_row(name, r, platform) for name, r in base_reports]
   seconds = dict(search=t_search - t0, retrain=t_retrain - t_search, export=t_export - t_retrain,
                  baselines=t_end - t_export)
   recorded = dict(  # what each stage recorded when it finished, for stages this run only read
       search=search_result.get("seconds", {}).get("total"),
       retrain=report.get("seconds", {}).get("this_process"),
       export=(export_report or {}).get("seconds", {}).get("total"),
-      baselines=_sum_or_none(r.get("seconds", {}).get("this_process") for r in base_reports))
+      baselines=_sum_or_none(r.get("seconds", {}).get("this_process") for _, r in base_reports))
   for stage, value in recorded.items():
     if finished[stage] and value is not None:
       seconds[stage] = value
-  seconds["total"] = sum(seconds.values())
+  seconds["total"] = sum(seconds[stage] for stage in STAGES)
+  if beside is not None and not finished["baselines"]:
+    seconds["baselines_own"] = beside.seconds
 
   ref = next((r for r in rows if r["network"] == "mobilenetv2_1.0"), None)
   for r in rows:
@@ -139,6 +156,57 @@ def _run_stages(config, workdir: str, t0: float, platform: str, baselines: bool,
   summary = write_summary(workdir, summary, finished)
   say("\n" + summary_table(summary))
   return summary
+
+
+def _retrain_baselines(config, workdir: str, platform: str, input_shape, num_classes: int):
+  """[(name, report)] of `config.baselines`, each retrained (or its cached retrain reused) in its workdir."""
+  out = []
+  for name, base in baselines_lib.baseline_architectures(tuple(input_shape), num_classes,
+                                                         names=tuple(config.baselines)).items():
+    out.append((name, retrain_cache.retrain_baseline(config, base, os.path.join(workdir, "baselines", name),
+                                                     [platform], train_lib.run_retrain)))
+  return out
+
+
+class _BaselinesBeside:
+  """The baselines' retraining in a thread of its own, started at once. Their input shape and class count come
+  from the dataset, which this thread loads (for the embedded KWS set that is where it is generated, once, before
+  the search reads it from the cache)."""
+
+  def __init__(self, config, workdir: str, platform: str):
+    import threading
+    from edgenas import data as data_lib
+    dataset = data_lib.load_data(config)
+    self._args = (config, workdir, platform, dataset.input_shape, dataset.num_classes)
+    self._stop = threading.Event()
+    self._reports, self._error, self.seconds = None, None, None
+    self._thread = threading.Thread(target=self._run, name="edgenas-baselines", daemon=False)
+    self._thread.start()
+
+  def _run(self) -> None:
+    from edgenas import console
+    from edgenas import loop as loop_lib
+    t = time.time()
+    try:
+      with console.prefixed("[baselines] "), loop_lib.stop_when(self._stop):
+        self._reports = _retrain_baselines(*self._args)
+    except BaseException as e:  # handed to the main thread by result()
+      self._error = e
+    self.seconds = time.time() - t
+
+  def result(self) -> list:
+    """[(name, report)] of the baselines once they finish; their error, if they failed, raised here."""
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._reports
+
+  def stop(self) -> None:
+    """Stops the baselines at their next step (a checkpoint there, for the rerun) and waits for them."""
+    if self._thread.is_alive():
+      say("stopping the baselines running beside (a checkpoint at their current step; a rerun resumes them)")
+      self._stop.set()
+      self._thread.join()
 
 
 def _finished_stages(config, workdir: str, baselines: bool, export: bool, targets: Sequence[str]) -> dict:
@@ -186,7 +254,7 @@ def write_summary(workdir: str, summary: dict, finished: Mapping[str, bool]) -> 
     old = previous.get("seconds", {})
     seconds = {stage: old[stage] if finished.get(stage) and stage in old else value
                for stage, value in summary["seconds"].items() if stage != "total"}
-    seconds["total"] = sum(seconds.values())
+    seconds["total"] = sum(seconds[stage] for stage in STAGES)
     summary = {**summary, "seconds": seconds}
     if _results_of(previous) == _results_of(summary):
       say(f"{workdir}: the summary is up to date; {SUMMARY_JSON} and {SUMMARY_MD} are left as they are")
@@ -236,7 +304,10 @@ def summary_table(summary: dict) -> str:
       line += " |" if d is None else ""
     lines.append(line)
   s = summary["seconds"]
+  baselines = f"baselines {s['baselines']:.0f}"
+  if "baselines_own" in s:
+    baselines += f" more after the export; they ran {s['baselines_own']:.0f} s beside the other stages"
   lines += ["", f"Wall time: {s['total']:.0f} s (search {s['search']:.0f}, retrain {s['retrain']:.0f}, export "
-                f"{s['export']:.0f}, baselines {s['baselines']:.0f})", "", "Files:"]
+                f"{s['export']:.0f}, {baselines})", "", "Files:"]
   lines += [f"- {k}: {v}" for k, v in summary["files"].items() if v]
   return "\n".join(lines)
