@@ -170,8 +170,8 @@ def _retrain_baselines(config, workdir: str, platform: str, input_shape, num_cla
 
 class _BaselinesBeside:
   """The baselines' retraining in a thread of its own, started at once. Their input shape and class count come
-  from the dataset, which this thread loads (for the embedded KWS set that is where it is generated, once, before
-  the search reads it from the cache)."""
+  from the dataset, loaded here in the caller's thread before the thread starts (for the embedded KWS set this is
+  where it is generated, once; the search then reads it from the cache)."""
 
   def __init__(self, config, workdir: str, platform: str):
     import threading
