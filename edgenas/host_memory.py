@@ -14,8 +14,13 @@ Measured on a 2-core AMD EPYC by `python -m benchmarks.host_memory`:
   without, 78.1-90.4 s with. XLA compiles on the same worker threads, and LLVM's allocations from several threads
   in one arena cost about 20 s of CPU time. (Two arenas keep compilation as fast, but which arena a worker lands
   in is chance: in a KWS search it kept its page faults.)
-So it is off unless EDGENAS_KEEP_HOST_MEMORY=1: it pays for long runs with a warm compilation cache (sweeps, a
-rerun), not for a cold short one. Freed memory is not returned to the OS until the process exits.
+- the CIFAR-sized all-paths search step (`python -m benchmarks.torch_reference --modes eager --steps 3`, run once
+  each way, not kept in results/): softmax pair 11.3 -> 14.9 s and sigmoid 10.3 -> 11.9 s *slower* with it, peak
+  RSS 5.4 -> 10.4 GB (one heap fragments under that step's many large buffers), while PyTorch eager in the same
+  process got faster (4.6 -> 4.0 s, 5.8 -> 4.3 s).
+So it is off unless EDGENAS_KEEP_HOST_MEMORY=1: it pays for long runs of small-activation networks (the KWS
+retrain and search) with a warm compilation cache, not for a cold short run nor for the large all-paths step.
+Freed memory is not returned to the OS until the process exits.
 
 `keep_freed_memory()` must run before JAX creates its CPU client (its worker threads pick their malloc arena
 when they first allocate): importing `edgenas` calls it. Elsewhere than glibc it does nothing.
