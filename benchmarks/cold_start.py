@@ -11,12 +11,13 @@ step done). Writes benchmarks/results/cold_start.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks import results_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +57,7 @@ def main():
                 note="process start to the end of the first search step; empty JAX compilation cache")
   out = args.out or os.path.join(REPO, "benchmarks", "results",
                                  "cold_start.json" if args.config == "digits" else f"cold_start_{args.config}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  results_file.write(out, result)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ Writes benchmarks/results/host_memory.json. Needs the embedded KWS set in its ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks import results_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,11 +73,7 @@ def main():
                           speedup_wall_off_over_on=_ratio(cold, "wall_s"))
   result.update(load_avg_1m_at_end=os.getloadavg()[0],
                 note="speedup: min wall over repeats, off / on; > 1 means EDGENAS_KEEP_HOST_MEMORY=1 is faster")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-    f.write("\n")
-  print(json.dumps(result, indent=1))
+  results_file.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import results_file
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CIFAR_SPACE = dict(stem=dict(channels=16, kernel=3, stride=1),
@@ -137,10 +139,7 @@ def main():
         ratios[key] = round(by["gumbel"]["ms_per_step_pair"] / by["softmax"]["ms_per_step_pair"], 3)
   result = dict(benchmark="search_step", cpu_count=os.cpu_count(), rows=rows,
                 gumbel_over_softmax_step_ratio=ratios, target_ratio="<= 0.5")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  results_file.write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import results_file
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"seq": [], "vmap": ["--vectorize", "--chunk=0"], "scan": ["--vectorize", "--chunk=1"]}
 CONFIGS = ("digits", "kws")
@@ -135,10 +137,7 @@ def main():
       note=("seq: members one after another; scan: --vectorize --chunk=1, members stepped in turn inside one "
             "compiled program; vmap: every member stepped at once (Gumbel's switch becomes select: all candidates "
             "run). Each mode has its own fresh JAX compilation cache."))
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  results_file.write(out_path, result)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import results_file
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -227,10 +229,7 @@ def main():
                 speedup_of_edgenas=ratios, target="edgenas >= 2x faster than PyTorch eager (softmax, sigmoid)",
                 note="each row in its own child process of one run, one after another; median of --steps pairs "
                      "after one warm-up pair (which holds torch.compile's compilation)")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(json.dumps(result, indent=2))
+  results_file.write(args.out, result)
 
 
 if __name__ == "__main__":
