@@ -89,18 +89,25 @@ def test_wait_states_price_flash_reads_only(reports):
     assert priced["energy_uj"] == pytest.approx(priced["latency_ms"] * q.active_mw, rel=1e-12)
 
 
-def test_a_flash_heavy_and_a_compute_heavy_operator_prefer_different_clocks(reports):
-  """On the EFR32MG24 every flash data read pays the wait state (no data cache): below 40 MHz it needs none, but
-  the constant part of the run current is paid for twice as long."""
+def test_a_flash_heavy_and_a_compute_heavy_operator_prefer_different_clocks():
+  """On the EFR32MG24 every flash data read of the core pays the wait state (no data cache): below 40 MHz it
+  needs none, but the constant part of the run current is paid for twice as long. A layer too wide for the MVP
+  (a 1x1 convolution to 1280 channels) runs on the core and streams its weights from flash; a layer the MVP
+  runs is priced by the board's measured costs, with no core flash term, and is cheapest at the nominal clock."""
+  from edgenas.energy import accelerator, counts as counts_lib, cycles as cycles_lib, lut as lut_lib
   p = platform_lib.load_platform("efr32mg24_tflm")
-  ops = reports[("efr32mg24_tflm", KWS)]["operators"]
-  cycles = np.array([o["cycles"] for o in ops])
-  reads = np.array([o["flash_reads"] for o in ops])
-  energy = np.array([o["energy_uj"] for o in ops])
+  model = cycles_lib.from_profile(p.cycle_model, p.path)
+  rows = lut_lib.load_lut(p.lut_path)
+  counted = counts_lib.load_counts(counts_lib.counts_path(p.target))
+  geoms = [accelerator.geometry(c.op, c.in_h, c.in_w, c.in_c, c.out_c, c.kernel, c.stride) for c in counted]
+  cycles = np.array([r.latency_ms_mean * p.clock_mhz * 1e3 for r in rows])
+  reads = np.array([0.0 if model.accelerated(g) else c.flash_reads for g, c in zip(geoms, counted)])
+  energy = np.array([r.energy_uj for r in rows])
   miss, ws = p.cycle_model["flash_miss_fraction"], p.cycle_model["flash_wait_states"]
   share = ws * miss * reads / cycles
   heavy, light = int(np.argmax(share)), int(np.argmin(share))
-  assert share[heavy] > 0.15 and share[light] < 0.01  # measured: fully connected 0.20, average pool 0.001
+  assert share[heavy] > 0.12 and share[light] < 0.01  # measured: the 1x1 conv 320 -> 1280 at 0.15, MVP rows 0
+  assert not model.accelerated(geoms[heavy]) and model.accelerated(geoms[light])
   pts = operating.points(p)
   nominal = operating.nominal_point(p)
   ratio = {}
@@ -110,9 +117,10 @@ def test_a_flash_heavy_and_a_compute_heavy_operator_prefer_different_clocks(repo
     for q in pts:
       if q.flash_wait_states < nominal.flash_wait_states:  # fewer wait states: fewer cycles, by the flash term only
         saved = cycles[i] - priced[q.name]["cycles"]
-        assert saved > 0 and saved == pytest.approx((ws - q.flash_wait_states) * miss * reads[i], rel=1e-9)
+        assert saved == pytest.approx((ws - q.flash_wait_states) * miss * reads[i], rel=1e-9, abs=1e-6)
+        assert (saved > 0) == (reads[i] > 0)
   best = {i: min(ratio[i], key=ratio[i].get) for i in ratio}
-  assert best[heavy] == "vs1_39mhz" and best[light] == nominal.name  # 0.90 of its nominal energy; 1.13 there
+  assert best[heavy] == "vs1_39mhz" and best[light] == nominal.name  # 0.96 of its nominal energy; 1.13 there
   assert ratio[heavy]["vs1_39mhz"] < 1 < ratio[light]["vs1_39mhz"]
   # A lower clock is not free: with no flash reads, every slower point costs more energy per inference.
   for q in pts:

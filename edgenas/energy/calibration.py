@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
+from edgenas.energy import accelerator as accelerator_lib
 from edgenas.energy import features as features_lib
 from edgenas.energy import lut as lut_lib
 from edgenas.energy import platform as platform_lib
@@ -171,10 +172,59 @@ def whole_model_counts(model_path: str, target: str, build_dir: str, log=print) 
     raise EnergyModelError(f"{model_path} on {target}: the device outputs differ from the host's; the counts "
                            "of a miscompiled program cannot calibrate anything")
   acc = result["data_accesses_per_inference"]
+  operators = [dict(op=o["op"], classes=o["classes"], flash_reads=o["flash_reads"]) for o in result["operators"]]
   return dict(target=target, instructions=result["instructions_per_inference"], flash_reads=acc["flash_reads"],
               ram_reads=acc["ram_reads"], ram_writes=acc["ram_writes"],
               classes=result["instruction_classes_per_inference"],
-              tflm_commit=result["toolchain"]["tflm_commit"], compiler=result["toolchain"]["compiler"])
+              tflm_commit=result["toolchain"]["tflm_commit"], compiler=result["toolchain"]["compiler"],
+              operators=operators)
+
+
+def whole_model_parts(model, graph: tflite_graph.TfliteGraph, emulated: dict) -> tuple[float, float, int]:
+  """(cycles the scale multiplies, flash read cycles, accelerated operators) of a measured model: its emulated
+  whole-inference counts, with each operator the board's accelerator runs priced by the accelerator's model
+  instead of by its own counts (the interpreter's work between operators stays on the core)."""
+  scaled = model.core_cycles(emulated["classes"])
+  fixed = float(model.memory_cycles(emulated["flash_reads"]))
+  if model.accelerator is None:
+    return scaled, fixed, 0
+  ops = emulated.get("operators") or []
+  if len(ops) != len(graph.ops) or any(o["op"].lower() != g.spec.op for o, g in zip(ops, graph.ops)):
+    raise EnergyModelError(f"{graph.path}: the device's operators ({[o['op'] for o in ops]}) do not match the "
+                           "file's; cannot price them one by one")
+  accelerated = 0
+  for g, o in zip(graph.ops, ops):
+    geom = accelerator_lib.of_graph_op(g)
+    if model.accelerated(geom):
+      scaled += model.accelerator.cycles(geom) - model.core_cycles(o["classes"])
+      fixed -= float(model.memory_cycles(o["flash_reads"]))
+      accelerated += 1
+  return scaled, fixed, accelerated
+
+
+def fit_accelerator(platform: platform_lib.Platform, log=print) -> tuple[dict, "accelerator_lib.MvpModel"]:
+  """The profile's `cycle_model.accelerator` section with its model fitted to the measured layers it names
+  (`layers`, beside the profile), leaving out the models listed in `held_out`, and its fit report."""
+  section = dict(platform.cycle_model["accelerator"])
+  where = f"{platform.path}: field 'cycle_model.accelerator"
+  layers_file = section.get("layers")
+  if not isinstance(layers_file, str) or not layers_file:
+    raise EnergyModelError(f"{where}.layers' must name the measured layers file")
+  held_out = section.get("held_out", [])
+  if not isinstance(held_out, list) or not all(isinstance(m, str) for m in held_out):
+    raise EnergyModelError(f"{where}.held_out' must be a list of model names")
+  layers = accelerator_lib.load_layers(os.path.join(os.path.dirname(platform.path), layers_file))
+  clock = float(section.get("clock_mhz", platform.clock_mhz))
+  mvp = accelerator_lib.fit([l for l in layers if l.model not in held_out], clock)
+  report = accelerator_lib.fit_report(mvp, layers, clock, held_out)
+  for r, q in report["per_regime"].items():
+    log(f"accelerator {r}: {q['layers']} layers, accelerator cycles MAPE {q['acc_mape_pct']}%, CPU cycles "
+        f"{q['cpu_mape_pct']}%, layer time {q['time_mape_pct']}% ({q['timed_layers']} timed)")
+  for name, h in report["held_out_models"].items():
+    log(f"accelerator, held out: {name}: {h['predicted_ms']} ms predicted vs {h['measured_ms']} ms measured "
+        f"({h['error_pct']:+.1f}%)")
+  section.update(model=mvp.to_dict(), fit_quality=report)
+  return section, mvp
 
 
 def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = None,
@@ -197,29 +247,48 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
     raise EnergyModelError(f"{where} 'calibration.measurements' is empty; a calibrated platform needs measured "
                            "models")
   model = cycles_lib.from_profile(platform.cycle_model, platform.path)
+  accelerator_section = None
+  if "accelerator" in platform.cycle_model:
+    accelerator_section, mvp = fit_accelerator(platform, log)
+    model = dataclasses.replace(model, accelerator=mvp)
   clock_khz = platform.clock_mhz * 1e3
   emulated = [whole_model_counts(reference_model_path(m["model"]), platform.target, build_dir, log)
               for m in measurements]
+  graphs = [tflite_graph.read_tflite(reference_model_path(m["model"])) for m in measurements]
+  parts = [whole_model_parts(model, g, e) for g, e in zip(graphs, emulated)]
+  scaled = [p[0] for p in parts]
+  fixed = [p[1] for p in parts]
   classes = [e["classes"] for e in emulated]
   flash = [e["flash_reads"] for e in emulated]
   measured_cycles = [float(m["latency_ms"]) * clock_khz for m in measurements]
-  scale = cycles_lib.fit_scale(model, classes, flash, measured_cycles)
+  scale = cycles_lib.fit_scale_parts(scaled, fixed, measured_cycles)
   model = dataclasses.replace(model, scale=scale)
 
   energies = [m.get("energy_uj") for m in measurements]
   measured_power = all(e is not None for e in energies)
   powers = [float(e) / float(m["latency_ms"]) for e, m in zip(energies, measurements)] if measured_power else []
   active_mw = float(np.mean(powers)) if measured_power else platform.active_mw
-  loo_latency = cycles_lib.leave_one_out(model, classes, flash, measured_cycles) if len(measurements) > 1 else []
+  loo_scales = []
+  for k in range(len(measurements) if len(measurements) > 1 else 0):
+    rest = [j for j in range(len(measurements)) if j != k]
+    loo_scales.append(cycles_lib.fit_scale_parts([scaled[j] for j in rest], [fixed[j] for j in rest],
+                                                 [measured_cycles[j] for j in rest]))
+  loo_latency = [100 * ((s * scaled[k] + fixed[k]) / measured_cycles[k] - 1) for k, s in enumerate(loo_scales)]
   reproduction = []
   for k, (m, e) in enumerate(zip(measurements, emulated)):
-    predicted = float(model.cycles(e["classes"], e["flash_reads"]))
+    predicted = scale * scaled[k] + fixed[k]
+    e = {key: v for key, v in e.items() if key != "operators"}
     entry = dict(benchmark=m["benchmark"], model=m["model"], emulated=e, measured_cycles=measured_cycles[k],
                  core_cycles=round(model.core_cycles(e["classes"])),
                  predicted_cycles=round(predicted), measured_latency_ms=float(m["latency_ms"]),
                  predicted_latency_ms=round(predicted / clock_khz, 4),
                  latency_error_pct=round(100 * (predicted / measured_cycles[k] - 1), 2),
-                 memory_cycles_share=round(float(model.memory_cycles(e["flash_reads"])) / predicted, 4))
+                 memory_cycles_share=round(fixed[k] / predicted, 4))
+    if model.accelerator is not None:
+      unscaled = scaled[k] + fixed[k]  # no constant fitted to these measurements at all
+      entry.update(accelerated_operators=parts[k][2], accelerator_and_core_cycles=round(scaled[k]),
+                   unfitted_latency_ms=round(unscaled / clock_khz, 4),
+                   unfitted_latency_error_pct=round(100 * (unscaled / measured_cycles[k] - 1), 2))
     if loo_latency:
       entry["leave_one_out_latency_error_pct"] = round(loo_latency[k], 2)
       if measured_power:
@@ -233,9 +302,7 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
     # the regressor fitted on that table, the model's operators priced by the regressor.
     for k, (m, entry) in enumerate(zip(measurements, reproduction)):
       rest = [j for j in range(len(measurements)) if j != k]
-      loo = dataclasses.replace(model, scale=cycles_lib.fit_scale(model, [classes[j] for j in rest],
-                                                                  [flash[j] for j in rest],
-                                                                  [measured_cycles[j] for j in rest]))
+      loo = dataclasses.replace(model, scale=loo_scales[k])
       coefs = regressor_lib.fit(emulated_rows(count_rows, platform, loo, active_mw), "latency_ms")
       graph = tflite_graph.read_tflite(reference_model_path(m["model"]))
       predicted_ms = sum(float(np.dot(regressor_lib.lookup(coefs, o.spec.op, o.spec.kernel), o.features()))
@@ -255,10 +322,14 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
                   else platform.sources["active_mw"])
   cycle_model = dict(platform.cycle_model, scale=round(scale, 6))
   cycle_model.pop("cpi", None)
+  if accelerator_section is not None:
+    cycle_model["accelerator"] = accelerator_section
+  priced = f"the {platform.target} class counts priced with the {model.core_timing} timing" + (
+      f", the layers the accelerator runs priced by its model ({accelerator_section['kind']})"
+      if accelerator_section is not None else "")
   sources = dict(cycle_model.get("sources", {}), scale=(
       f"fitted: least squares on the relative error of the MLPerf Tiny latencies "
-      f"({', '.join(m['benchmark'] for m in measurements)}) against the {platform.target} class counts priced "
-      f"with the {model.core_timing} timing"))
+      f"({', '.join(m['benchmark'] for m in measurements)}) against {priced}"))
   sources.pop("cpi", None)
   cycle_model["sources"] = sources
   sources = dict(platform.sources, active_mw=power_source, lut=(
@@ -278,7 +349,13 @@ def emulated_rows(count_rows, platform: platform_lib.Platform, model, active_mw:
             f"{platform.clock_mhz:g} MHz; energy = latency x {active_mw:.4g} mW")
   rows = []
   for r in count_rows:
-    latency = float(model.cycles(r.classes, r.flash_reads)) / clock_khz
+    geom = accelerator_lib.geometry(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride)
+    latency = float(model.op_cycles(geom, r.classes, r.flash_reads)) / clock_khz
+    row_source = source
+    if model.accelerated(geom):
+      row_source = (f"emulated on {platform.target}, run by the accelerator: cycles = {model.scale:.4g} x its "
+                    f"model fitted to the board's measured layers ({accelerator_lib.regime(geom)}) at "
+                    f"{platform.clock_mhz:g} MHz; energy = latency x {active_mw:.4g} mW")
     rows.append(lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups, latency, 0.0,
-                               1, latency * active_mw, source))
+                               1, latency * active_mw, row_source))
   return rows

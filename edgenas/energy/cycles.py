@@ -20,6 +20,10 @@
 
 With two measured models per board and one fitted constant, leave-one-out is meaningful: each model is predicted
 from the constant fitted on the other (`leave_one_out`).
+
+A board with an accelerator (`accelerator`: the EFR32MG24's MVP, `edgenas.energy.accelerator`) prices the layers
+the accelerator runs with the accelerator's own model, fitted to that board's per-layer measurements, instead of
+the core's counts; the scale then multiplies both (`op_cycles`) and is expected near 1.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edgenas.energy import accelerator as accelerator_lib
 from edgenas.energy import timing as timing_lib
 from edgenas.energy.errors import EnergyModelError
 
@@ -38,6 +43,7 @@ class CycleModel:
   flash_miss_fraction: float
   core_timing: str
   scale: float | None = None  # None until fitted
+  accelerator: "accelerator_lib.MvpModel | None" = None  # layers it runs are priced by it, not by the core
 
   @property
   def timing(self) -> timing_lib.CoreTiming:
@@ -58,6 +64,23 @@ class CycleModel:
     if self.scale is None:
       raise EnergyModelError("cycle model: scale is not fitted yet")
     return float(self.scale * self.core_cycles(classes) + self.memory_cycles(flash_reads))
+
+  def accelerated(self, geom: "accelerator_lib.Geometry | None") -> bool:
+    return (self.accelerator is not None and geom is not None and geom.op in accelerator_lib.ACCELERATED_OPS
+            and accelerator_lib.supported(geom))
+
+  def op_parts(self, geom, classes: Mapping[str, float], flash_reads) -> tuple[float, float]:
+    """(cycles the scale multiplies, flash read cycles) of one operator: the accelerator's model where it runs
+    the layer (no core flash term: its cycles are measured ones), else the core timing of its counts."""
+    if self.accelerated(geom):
+      return self.accelerator.cycles(geom), 0.0
+    return self.core_cycles(classes), float(self.memory_cycles(flash_reads))
+
+  def op_cycles(self, geom, classes: Mapping[str, float], flash_reads) -> float:
+    if self.scale is None:
+      raise EnergyModelError("cycle model: scale is not fitted yet")
+    scaled, fixed = self.op_parts(geom, classes, flash_reads)
+    return float(self.scale * scaled + fixed)
 
 
 def from_profile(section: Mapping, where: str) -> CycleModel:
@@ -82,16 +105,29 @@ def from_profile(section: Mapping, where: str) -> CycleModel:
   scale = section.get("scale")
   if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
     raise EnergyModelError(f"{where}: field 'cycle_model.scale' must be a number > 0, got {scale!r}")
+  mvp = None
+  acc = section.get("accelerator")
+  if acc is not None:
+    if not isinstance(acc, Mapping) or not str(acc.get("source", "")).strip():
+      raise EnergyModelError(f"{where}: field 'cycle_model.accelerator' must be an object with its 'source'")
+    if acc.get("model") is not None:  # absent until `launch.profile --backend=calibrate` fits it
+      mvp = accelerator_lib.from_dict(acc["model"], f"{where}: field 'cycle_model.accelerator.model'")
   return CycleModel(values["flash_wait_states"], values["flash_miss_fraction"], core,
-                    None if scale is None else float(scale))
+                    None if scale is None else float(scale), mvp)
 
 
 def fit_scale(model: CycleModel, classes: Sequence[Mapping[str, float]], flash_reads: Sequence[float],
               measured_cycles: Sequence[float]) -> float:
   """The scale minimising Σ (predicted / measured − 1)² over the measured models (closed form)."""
   core = np.asarray([model.core_cycles(c) for c in classes], np.float64)
+  return fit_scale_parts(core, model.memory_cycles(flash_reads), measured_cycles)
+
+
+def fit_scale_parts(scaled: Sequence[float], fixed: Sequence[float], measured_cycles: Sequence[float]) -> float:
+  """The scale s minimising Σ ((s · scaled + fixed) / measured − 1)² (closed form)."""
+  core = np.asarray(scaled, np.float64)
   m = np.asarray(measured_cycles, np.float64)
-  rest = m - model.memory_cycles(flash_reads)
+  rest = m - np.asarray(fixed, np.float64)
   a = core / m
   scale = float(np.sum(a * (rest / m)) / np.sum(a * a))
   if not np.isfinite(scale) or scale <= 0:

@@ -200,9 +200,20 @@ def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_li
     counts = counts_lib.load_counts(counts_lib.counts_path(platform.target))
     # Instructions and flash data reads per operator, from the target's own counts (the LUT's latency column
     # carries each count here); flash reads price the wait states of other operating points.
+    # On a board with an accelerator, the layers it runs read no weights through the core's flash path that the
+    # wait states of another operating point would re-price (their cycles are the board's measured ones), so
+    # their flash reads count 0; their instructions stay the core kernels' (what runs if the layer falls back).
+    from edgenas.energy import accelerator as accelerator_lib
+    from edgenas.energy import cycles as cycles_lib
+    model = cycles_lib.from_profile(platform.cycle_model, platform.path) if platform.cycle_model else None
+
+    def accelerated(r) -> bool:
+      return model is not None and model.accelerated(
+          accelerator_lib.geometry(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride))
     for quantity in platform_lib.OPTIONAL_QUANTITIES:
       counted = [lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups,
-                                float(getattr(r, quantity)), 0.0, 1, 0.0, r.source) for r in counts]
+                                0.0 if quantity == "flash_reads" and accelerated(r) else float(getattr(r, quantity)),
+                                0.0, 1, 0.0, r.source) for r in counts]
       regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(counted).items()}
       quality[quantity] = dict(kfold_quality(counted, "latency_ms", folds), quantity=quantity)
   nominal = kfold_quality(rows, "latency_ms", folds, feature_fn=_nominal_features)
