@@ -1,4 +1,4 @@
-"""Does the platform change the answer? The same search space searched for three platforms at the same λ, and
+"""Does the platform change the answer? The same search space searched for each MCU platform at the same λ, and
 every derived network priced on every platform (a specialisation matrix, as in ProxylessNAS and FBNet).
 
   python -m benchmarks.specialisation [--config=digits|kws] [--lam=0.3] [--epochs=30] [--out=FILE]
@@ -6,7 +6,7 @@ every derived network priced on every platform (a specialisation matrix, as in P
 Each platform's lookup table comes from its own target's emulated counts (edgenas.energy.counts) and its cycle
 model; the search is the experiment config (experiments/digits.py or experiments/kws.py) with `cost.platform`
 set. Writes benchmarks/results/specialisation.json (specialisation_kws.json for --config=kws): matrix[searched_for][priced_on] = {energy_uj, latency_ms}, and per
-platform whether its own network is the cheapest of the three on it.
+platform whether its own network is the cheapest of them all on it.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from edgenas.energy import estimate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results", "specialisation.json")
-PLATFORMS = ("stm32l4r5_tflm", "stm32h7a3_xcubeai", "andes_d45_tflm")
+PLATFORMS = ("stm32l4r5_tflm", "stm32h7a3_xcubeai", "andes_d45_tflm", "efr32mg24_tflm")
 
 
 def main() -> None:
