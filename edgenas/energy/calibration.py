@@ -258,8 +258,6 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
   parts = [whole_model_parts(model, g, e) for g, e in zip(graphs, emulated)]
   scaled = [p[0] for p in parts]
   fixed = [p[1] for p in parts]
-  classes = [e["classes"] for e in emulated]
-  flash = [e["flash_reads"] for e in emulated]
   measured_cycles = [float(m["latency_ms"]) * clock_khz for m in measurements]
   scale = cycles_lib.fit_scale_parts(scaled, fixed, measured_cycles)
   model = dataclasses.replace(model, scale=scale)
