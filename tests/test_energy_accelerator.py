@@ -32,11 +32,12 @@ def test_parses_a_device_profile_table():
   assert [l.op for l in layers] == ["conv_2d", "max_pool_2d", "fully_connected", "softmax"]
   conv, pool, fc, softmax = layers
   assert (conv.macs, conv.acc_cycles, conv.cpu_cycles, conv.time_us) == (500_000, 400_500, 12_300, 5200.0)
-  assert (conv.in_h, conv.in_w, conv.in_c, conv.out_h, conv.out_w, conv.out_c) == (20, 10, 2, 10, 5, 8)
-  assert (conv.kernel_h, conv.kernel_w, conv.stride_h, conv.stride_w, conv.padding) == (5, 3, 2, 2, "same")
+  c, p, f = conv.geometry, pool.geometry, fc.geometry
+  assert (c.in_h, c.in_w, c.in_c, c.out_h, c.out_w, c.out_c) == (20, 10, 2, 10, 5, 8)
+  assert (c.kernel_h, c.kernel_w, c.stride_h, c.stride_w, c.padding) == (5, 3, 2, 2, "same")
   # MLTK prints pooling windows and strides width first.
-  assert (pool.kernel_h, pool.kernel_w, pool.stride_h, pool.stride_w) == (2, 3, 2, 3)
-  assert (fc.in_c, fc.out_c, fc.acc_cycles) == (80, 10, 1000)
+  assert (p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.padding) == (2, 3, 2, 3, "valid")
+  assert (f.in_c, f.out_c, fc.acc_cycles) == (80, 10, 1000)
   assert (softmax.acc_cycles, softmax.cpu_cycles, softmax.time_us) == (0, 8200, 120.0)
   with pytest.raises(EnergyModelError, match="no 'Model Layers' table"):
     accelerator.parse_device_profile("nothing here", "m", source="empty.py")

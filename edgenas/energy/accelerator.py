@@ -43,8 +43,10 @@ from edgenas.energy.errors import EnergyModelError
 
 LAYERS_VERSION = 1
 VERSION_LINE = f"#edgenas-mvp-layers version={LAYERS_VERSION}"
-LAYER_COLUMNS = ("model", "index", "op", "macs", "acc_cycles", "cpu_cycles", "time_us", "in_h", "in_w", "in_c",
-                 "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "padding", "source")
+GEOMETRY_COLUMNS = ("op", "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h",
+                    "stride_w", "padding")
+LAYER_COLUMNS = ("model", "index", "op", "macs", "acc_cycles", "cpu_cycles", "time_us") + GEOMETRY_COLUMNS[1:] + (
+    "source",)
 
 _PLATFORMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "platforms")
 
@@ -54,27 +56,73 @@ def default_layers_path() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeasuredLayer:
-  """One layer of a device profile: what ran, and the chip's counters for it."""
-  model: str
-  index: int
+class Geometry:
   op: str
-  macs: int
-  acc_cycles: int
-  cpu_cycles: int
-  time_us: float
   in_h: int
   in_w: int
   in_c: int
   out_h: int
   out_w: int
   out_c: int
-  kernel_h: int
-  kernel_w: int
-  stride_h: int
-  stride_w: int
-  padding: str
+  kernel_h: int = 1
+  kernel_w: int = 1
+  stride_h: int = 1
+  stride_w: int = 1
+  padding: str = "same"
+
+  @property
+  def outputs(self) -> int:
+    return self.out_h * self.out_w * self.out_c
+
+  @property
+  def positions(self) -> int:
+    return self.out_h * self.out_w
+
+  @property
+  def inputs(self) -> int:
+    return self.in_h * self.in_w * self.in_c
+
+  @property
+  def macs(self) -> float:
+    """Executed MACs: the MVP kernels give SAME padding's edges programs of their own that skip the taps
+    outside the input."""
+    taps = self.kernel_h * self.kernel_w * features_lib.tap_fraction(
+        self.op, self.in_h, self.in_w, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
+        self.padding == "same")
+    if self.op == "conv_2d":
+      return self.outputs * taps * self.in_c
+    if self.op == "depthwise_conv_2d":
+      return self.outputs * taps
+    if self.op == "fully_connected":
+      return float(self.in_h * self.in_w * self.in_c * self.out_c)
+    return 0.0
+
+  @property
+  def packing(self) -> int:
+    """Int8 values per MVP element: two (one complex int8) when the innermost dimension the kernel streams is
+    even. Depthwise's per-pixel path streams channels; the other ops stream input channels."""
+    return 2 if self.in_c % 2 == 0 else 1
+
+  @property
+  def padded(self) -> bool:
+    return self.padding == "same" and (self.kernel_h > 1 or self.kernel_w > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredLayer:
+  """One layer of a device profile: what ran, and the chip's counters for it."""
+  model: str
+  index: int
+  geometry: Geometry
+  macs: int  # as the profiler counts them (nominal)
+  acc_cycles: int
+  cpu_cycles: int
+  time_us: float
   source: str
+
+  @property
+  def op(self) -> str:
+    return self.geometry.op
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,12 +191,12 @@ def parse_device_profile(text: str, model: str, source: str) -> list[MeasuredLay
       stride_h, stride_w = int(stride.group(1)), int(stride.group(2))
     else:
       stride_h = stride_w = 1
+    geom = Geometry(op, in_h, in_w, in_c, out_h, out_w, out_c, kernel_h, kernel_w, stride_h, stride_w,
+                    padding.group(1).lower() if padding else "same")
     layers.append(MeasuredLayer(
-        model=model, index=int(row["Index"]), op=op, macs=int(round(_number(row["# MACs"]))),
+        model=model, index=int(row["Index"]), geometry=geom, macs=int(round(_number(row["# MACs"]))),
         acc_cycles=int(round(_number(row["Acc Cycles"]))), cpu_cycles=int(round(_number(row["CPU Cycles"]))),
-        time_us=round(_number(row["Time (s)"]) * 1e6, 3), in_h=in_h, in_w=in_w, in_c=in_c, out_h=out_h,
-        out_w=out_w, out_c=out_c, kernel_h=kernel_h, kernel_w=kernel_w, stride_h=stride_h, stride_w=stride_w,
-        padding=padding.group(1).lower() if padding else "", source=source))
+        time_us=round(_number(row["Time (s)"]) * 1e6, 3), source=source))
   if not layers:
     raise EnergyModelError(f"{source}: no 'Model Layers' table found")
   return layers
@@ -162,7 +210,7 @@ def write_layers(path: str, layers: Sequence[MeasuredLayer], header: str) -> Non
   w = csv.writer(buf, lineterminator="\n")
   w.writerow(LAYER_COLUMNS)
   for layer in layers:
-    w.writerow([getattr(layer, c) for c in LAYER_COLUMNS])
+    w.writerow([getattr(layer.geometry if c in GEOMETRY_COLUMNS else layer, c) for c in LAYER_COLUMNS])
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(buf.getvalue())
@@ -183,17 +231,17 @@ def load_layers(path: str | None = None) -> list[MeasuredLayer]:
   reader = csv.DictReader(body)
   if tuple(reader.fieldnames or ()) != LAYER_COLUMNS:
     raise EnergyModelError(f"{path}: columns must be {','.join(LAYER_COLUMNS)}")
-  types = {f.name: f.type for f in dataclasses.fields(MeasuredLayer)}
   layers = []
   for n, row in enumerate(reader, start=len(lines) - len(body) + 2):
     try:
-      values = {k: (int(v) if types[k] in ("int", int) else float(v) if types[k] in ("float", float) else v)
-                for k, v in row.items()}
+      geom = Geometry(row["op"], *(int(row[c]) for c in GEOMETRY_COLUMNS[1:-1]), row["padding"])
+      layer = MeasuredLayer(row["model"], int(row["index"]), geom, int(row["macs"]), int(row["acc_cycles"]),
+                            int(row["cpu_cycles"]), float(row["time_us"]), row["source"])
     except (TypeError, ValueError) as e:
       raise EnergyModelError(f"{path}:{n}: malformed row ({e})") from e
-    if any(values[k] < 0 for k in ("macs", "acc_cycles", "cpu_cycles", "time_us")):
+    if min(layer.macs, layer.acc_cycles, layer.cpu_cycles, layer.time_us) < 0 or not math.isfinite(layer.time_us):
       raise EnergyModelError(f"{path}:{n}: negative count")
-    layers.append(MeasuredLayer(**values))
+    layers.append(layer)
   return layers
 
 
@@ -202,59 +250,6 @@ def load_layers(path: str | None = None) -> list[MeasuredLayer]:
 
 ACCELERATED_OPS = ("conv_2d", "depthwise_conv_2d", "fully_connected", "add", "average_pool_2d", "max_pool_2d")
 MAX_DIM, MAX_STRIDE = 1024, 2047  # the MVP's array dimension and stride limits (elements)
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  op: str
-  in_h: int
-  in_w: int
-  in_c: int
-  out_h: int
-  out_w: int
-  out_c: int
-  kernel_h: int = 1
-  kernel_w: int = 1
-  stride_h: int = 1
-  stride_w: int = 1
-  padding: str = "same"
-
-  @property
-  def outputs(self) -> int:
-    return self.out_h * self.out_w * self.out_c
-
-  @property
-  def positions(self) -> int:
-    return self.out_h * self.out_w
-
-  @property
-  def inputs(self) -> int:
-    return self.in_h * self.in_w * self.in_c
-
-  @property
-  def macs(self) -> float:
-    """Executed MACs: the MVP kernels give SAME padding's edges programs of their own that skip the taps
-    outside the input."""
-    taps = self.kernel_h * self.kernel_w * features_lib.tap_fraction(
-        self.op, self.in_h, self.in_w, self.kernel_h, self.kernel_w, self.stride_h, self.stride_w,
-        self.padding == "same")
-    if self.op == "conv_2d":
-      return self.outputs * taps * self.in_c
-    if self.op == "depthwise_conv_2d":
-      return self.outputs * taps
-    if self.op == "fully_connected":
-      return float(self.in_h * self.in_w * self.in_c * self.out_c)
-    return 0.0
-
-  @property
-  def packing(self) -> int:
-    """Int8 values per MVP element: two (one complex int8) when the innermost dimension the kernel streams is
-    even. Depthwise's per-pixel path streams channels; the other ops stream input channels."""
-    return 2 if self.in_c % 2 == 0 else 1
-
-  @property
-  def padded(self) -> bool:
-    return self.padding == "same" and (self.kernel_h > 1 or self.kernel_w > 1)
 
 
 def _out_size(n: int, k: int, s: int, padding: str) -> int:
@@ -279,8 +274,7 @@ def geometry(op: str, in_h: int, in_w: int, in_c: int, out_c: int, kernel=1, str
 
 
 def of_layer(layer: MeasuredLayer) -> Geometry:
-  return Geometry(layer.op, layer.in_h, layer.in_w, layer.in_c, layer.out_h, layer.out_w, layer.out_c,
-                  layer.kernel_h, layer.kernel_w, layer.stride_h, layer.stride_w, layer.padding or "same")
+  return layer.geometry
 
 
 def depthwise_path(g: Geometry) -> str:
