@@ -153,3 +153,24 @@ def test_efr32mg24_matches_mlperf_tiny_without_a_constant_fitted_to_it(tmp_path)
   for k in range(2):
     s = cycles.fit_scale_parts([parts[1 - k][0]], [parts[1 - k][1]], [measured[1 - k]])
     assert abs((s * parts[k][0] + parts[k][1]) / measured[k] - 1) <= 0.10
+
+
+def test_the_search_cost_switches_to_the_core_price_where_a_layer_outgrows_the_mvp():
+  """The regressor keeps accelerated and core-run regimes apart (`_on_core`): a 1x1 convolution on a 32x32 map
+  fits the MVP up to 63 output channels (32 x 63 <= 2047) and falls back to CMSIS-NN above, several times
+  dearer per MAC; the cost stays differentiable in the channels on both sides, also when they are traced."""
+  import jax
+  from edgenas.energy import regressor
+  p = platform_lib.load_platform("efr32mg24_tflm")
+  cost = regressor.op_cost_fn(p, "latency_ms")
+  below, above = cost("conv_2d", 32, 32, 16, 62, 1, 1), cost("conv_2d", 32, 32, 16, 66, 1, 1)
+  assert float(above) / 66 > 3 * float(below) / 62
+  for c in (62.0, 66.0):
+    value, grad = jax.value_and_grad(lambda out_c: cost("conv_2d", 32, 32, 16, out_c, 1, 1))(c)
+    assert np.isfinite(grad) and grad > 0
+    assert float(value) == pytest.approx(float(cost("conv_2d", 32, 32, 16, int(c), 1, 1)), rel=1e-5)
+  # A board without an accelerator has no core-run regimes, and its costs do not jump.
+  m4 = regressor.op_cost_fn("stm32l4r5_tflm", "latency_ms")
+  assert float(m4("conv_2d", 32, 32, 16, 66, 1, 1)) / 66 < 1.2 * float(m4("conv_2d", 32, 32, 16, 62, 1, 1)) / 62
+  fq = p.fit_quality["latency_ms"]
+  assert fq["r2"] > 0.9 and "conv_2d_1x1_on_core" in fq["per_op"]

@@ -100,8 +100,11 @@ class Geometry:
   @property
   def packing(self) -> int:
     """Int8 values per MVP element: two (one complex int8) when the innermost dimension the kernel streams is
-    even. Depthwise's per-pixel path streams channels; the other ops stream input channels."""
-    return 2 if self.in_c % 2 == 0 else 1
+    even. Depthwise's per-pixel path streams channels; the other ops stream input channels. An expected
+    (fractional or traced) channel count inside the search counts as even: search spaces use even widths."""
+    if isinstance(self.in_c, (int, np.integer)):
+      return 2 if self.in_c % 2 == 0 else 1
+    return 2
 
   @property
   def padded(self) -> bool:
@@ -293,27 +296,35 @@ def _fits_fc(depth: int, p: int, out_c: int) -> bool:
   return any(n % d == 0 and n // d <= MAX_DIM for d in range(1, MAX_DIM + 1))
 
 
-def supported(g: Geometry) -> bool:
+def supported(g: Geometry):
   """Whether Silicon Labs' MVP kernels run this int8 layer on the accelerator (else they fall back to CMSIS-NN
   on the core). The array limits (each dimension <= 1024 elements, strides <= 2047) applied to the layouts
-  the kernels generate; summarised from the Gecko SDK 4.2 MVP kernels' support checks."""
+  the kernels generate; summarised from the Gecko SDK 4.2 MVP kernels' support checks.
+
+  A Python bool for concrete channel counts; a JAX boolean when they are traced (the search's expected
+  channels), so a cost can switch between the accelerator's and the core's price (`jnp.where`)."""
   p = g.packing
+  traced = not all(isinstance(v, (int, np.integer)) for v in (g.in_c, g.out_c))
   if g.op == "conv_2d":
-    return (g.out_c <= MAX_DIM and g.out_w <= MAX_DIM and g.kernel_w * g.in_c / p <= MAX_DIM
-            and g.kernel_h * g.kernel_w * g.in_c / p <= MAX_STRIDE and g.in_w * g.in_c / p <= MAX_STRIDE
-            and g.stride_w * g.in_c / p <= MAX_STRIDE and g.out_w * g.out_c <= MAX_STRIDE)
-  if g.op == "depthwise_conv_2d":
-    if depthwise_path(g) == "pixel":
-      return g.in_w * g.in_c / p <= MAX_STRIDE and g.kernel_w * g.in_c / p <= MAX_STRIDE
-    return g.out_w * g.out_c <= MAX_STRIDE and g.in_w * g.in_c <= MAX_STRIDE and g.stride_w * g.in_c <= MAX_STRIDE
-  if g.op == "fully_connected":
-    return _fits_fc(g.in_c, p, g.out_c)
-  if g.op == "add":
-    return True
-  if g.op in ("average_pool_2d", "max_pool_2d"):
-    return (g.in_w * g.in_c / p <= MAX_STRIDE and g.stride_w * g.in_c / p <= MAX_STRIDE
-            and g.out_w * g.in_c / p <= MAX_STRIDE and g.kernel_h * g.kernel_w <= 512)
-  return False
+    ok = ((g.out_c <= MAX_DIM) & (g.out_w <= MAX_DIM) & (g.kernel_w * g.in_c / p <= MAX_DIM)
+          & (g.kernel_h * g.kernel_w * g.in_c / p <= MAX_STRIDE) & (g.in_w * g.in_c / p <= MAX_STRIDE)
+          & (g.stride_w * g.in_c / p <= MAX_STRIDE) & (g.out_w * g.out_c <= MAX_STRIDE))
+  elif g.op == "depthwise_conv_2d":
+    pixel = (g.in_w * g.in_c / p <= MAX_STRIDE) & (g.kernel_w * g.in_c / p <= MAX_STRIDE)
+    channel = ((g.out_w * g.out_c <= MAX_STRIDE) & (g.in_w * g.in_c <= MAX_STRIDE)
+               & (g.stride_w * g.in_c <= MAX_STRIDE))
+    by_pixel = g.in_w * g.in_h <= 4 * g.kernel_h * g.kernel_w * g.in_c
+    ok = (by_pixel & pixel) | (~by_pixel & channel) if traced else (pixel if by_pixel else channel)
+  elif g.op == "fully_connected":
+    ok = (g.in_c <= MAX_DIM * p) & (g.out_c <= MAX_DIM) if traced else _fits_fc(g.in_c, p, g.out_c)
+  elif g.op == "add":
+    ok = True
+  elif g.op in ("average_pool_2d", "max_pool_2d"):
+    ok = ((g.in_w * g.in_c / p <= MAX_STRIDE) & (g.stride_w * g.in_c / p <= MAX_STRIDE)
+          & (g.out_w * g.in_c / p <= MAX_STRIDE) & (g.kernel_h * g.kernel_w <= 512))
+  else:
+    ok = False
+  return ok if traced else bool(ok)
 
 
 # --------------------------------------------------------------------------------------------------------------

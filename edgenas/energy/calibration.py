@@ -301,9 +301,17 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
     for k, (m, entry) in enumerate(zip(measurements, reproduction)):
       rest = [j for j in range(len(measurements)) if j != k]
       loo = dataclasses.replace(model, scale=loo_scales[k])
-      coefs = regressor_lib.fit(emulated_rows(count_rows, platform, loo, active_mw), "latency_ms")
+      rows = emulated_rows(count_rows, platform, loo, active_mw)
+      core_table, on_core = None, [False] * len(rows)
+      if loo.accelerator is not None:  # the regressor prices core-run layers with coefficients of their own
+        core_table = emulated_rows(count_rows, platform, dataclasses.replace(loo, accelerator=None), active_mw)
+        on_core = [not loo.accelerated(accelerator_lib.geometry(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel,
+                                                                r.stride)) for r in rows]
+      coefs = regressor_lib.fit_table(rows, on_core, core_table, "latency_ms")
       graph = tflite_graph.read_tflite(reference_model_path(m["model"]))
-      predicted_ms = sum(float(np.dot(regressor_lib.lookup(coefs, o.spec.op, o.spec.kernel), o.features()))
+      predicted_ms = sum(float(np.dot(regressor_lib.lookup(
+          coefs, o.spec.op, o.spec.kernel,
+          loo.accelerator is not None and not loo.accelerated(accelerator_lib.of_graph_op(o))), o.features()))
                          for o in graph.ops)
       entry["leave_one_out_regressor_latency_ms"] = round(predicted_ms, 3)
       entry["leave_one_out_regressor_latency_error_pct"] = round(100 * (predicted_ms / float(m["latency_ms"]) - 1), 2)

@@ -57,12 +57,15 @@ def range_flags(platform: platform_lib.Platform, spec: ops_lib.OpSpec, feats: Se
 
 
 def _price(platform: platform_lib.Platform, specs: Sequence[ops_lib.OpSpec], feats: np.ndarray):
-  """(latency ms, energy µJ) per operator, with the platform's JAX regressor."""
-  op_index = jnp.asarray([regressor_lib.regime_index(s.op, s.kernel) for s in specs])
+  """(latency ms, energy µJ) per operator, with the platform's JAX regressor (on a board with an accelerator,
+  the coefficients of the core-run regimes for the layers the accelerator cannot run)."""
+  on_core = regressor_lib.core_predicate(platform)
+  flags = [bool(on_core(s.op, s.in_h, s.in_w, s.in_c, s.out_c, s.kernel, s.stride)) for s in specs]
+  op_index = jnp.asarray([regressor_lib.regime_index(s.op, s.kernel, c) for s, c in zip(specs, flags)])
   out = []
   for quantity in ("latency_ms", "energy_uj"):
     coefs = platform.coefficients(quantity)
-    missing = sorted({s.op for s in specs} - set(coefs))
+    missing = sorted({s.op + (features_lib.ON_CORE if c else "") for s, c in zip(specs, flags)} - set(coefs))
     if missing:
       raise EnergyModelError(f"platform {platform.name}: no cost coefficients for operator(s) {', '.join(missing)}")
     out.append(np.asarray(regressor_lib.predict(regressor_lib.coefficient_matrix(coefs), op_index,

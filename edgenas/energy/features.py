@@ -27,15 +27,22 @@ from edgenas import ops as ops_lib
 # The regressor fits each such regime separately; a profile without it falls back to the op type's coefficients.
 SPECIAL_KERNELS = {ops_lib.CONV_2D: (1, "conv_2d_1x1"), ops_lib.DEPTHWISE_CONV_2D: (3, "depthwise_conv_2d_3x3")}
 REGIMES = tuple(ops_lib.OP_TYPES) + tuple(name for _, name in SPECIAL_KERNELS.values())
+# On a board with an accelerator (edgenas.energy.accelerator), a layer the accelerator cannot run falls back to
+# the core's kernels at the core's cost: the same regime, priced by coefficients of its own.
+ON_CORE = "_on_core"
+ALL_REGIMES = REGIMES + tuple(r + ON_CORE for r in REGIMES)
 
 
-def regime(op: str, kernel: int) -> str:
-  """The cost regime of an operator: its op type, or the special kernel it runs (see SPECIAL_KERNELS)."""
+def regime(op: str, kernel: int, on_core: bool = False) -> str:
+  """The cost regime of an operator: its op type, or the special kernel it runs (see SPECIAL_KERNELS); with
+  `on_core`, the same run on the core of a board whose accelerator runs the others."""
   special = SPECIAL_KERNELS.get(op)
-  return special[1] if special is not None and ops_lib.pair(kernel) == (special[0], special[0]) else op
+  name = special[1] if special is not None and ops_lib.pair(kernel) == (special[0], special[0]) else op
+  return name + ON_CORE if on_core else name
 
 
 def base_op(regime_name: str) -> str:
+  regime_name = regime_name.removesuffix(ON_CORE)
   for op, (_, name) in SPECIAL_KERNELS.items():
     if name == regime_name:
       return op

@@ -144,8 +144,8 @@ def platform_from_dict(d: Mapping[str, Any], path: str = "<platform>") -> Platfo
                              f"{', '.join(QUANTITIES + OPTIONAL_QUANTITIES)}")
     for op, v in coefs.items():
       where = f"{path}: field 'regressor.{quantity}.{op}'"
-      if op not in features_lib.REGIMES:
-        raise EnergyModelError(f"{where}: unknown operator; expected one of {', '.join(features_lib.REGIMES)}")
+      if op not in features_lib.ALL_REGIMES:
+        raise EnergyModelError(f"{where}: unknown operator; expected one of {', '.join(features_lib.ALL_REGIMES)}")
       if (not isinstance(v, list) or len(v) != len(features_lib.FEATURES) or
           not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in v)):
         raise EnergyModelError(f"{where}: expected {len(features_lib.FEATURES)} non-negative coefficients "

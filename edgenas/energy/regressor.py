@@ -21,6 +21,7 @@ Prediction is plain `jax.numpy` arithmetic: `op_cost_fn(platform)` follows the o
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping, Sequence
 
@@ -64,15 +65,16 @@ def fit_op(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return solution / scale
 
 
-def _regimes(rows: Sequence[lut_lib.LutRow]) -> np.ndarray:
-  return np.array([features_lib.regime(r.op, r.kernel) for r in rows])
+def _regimes(rows: Sequence[lut_lib.LutRow], on_core: bool = False) -> np.ndarray:
+  return np.array([features_lib.regime(r.op, r.kernel, on_core) for r in rows])
 
 
 def fit(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms",
-        feature_fn=features_lib.cost_features) -> dict[str, np.ndarray]:
-  """{regime: coefficients} for every cost regime (op type, or special kernel) present in `rows`."""
+        feature_fn=features_lib.cost_features, on_core: bool = False) -> dict[str, np.ndarray]:
+  """{regime: coefficients} for every cost regime (op type, or special kernel) present in `rows`; with
+  `on_core`, keyed as the core-run regimes of a board with an accelerator."""
   x, y = _features(rows, feature_fn), _targets(rows, quantity)
-  keys = _regimes(rows)
+  keys = _regimes(rows, on_core)
   return {k: fit_op(x[keys == k], y[keys == k]) for k in sorted(set(keys))}
 
 
@@ -82,12 +84,15 @@ def predict_rows(coefs: Mapping[str, np.ndarray], rows: Sequence[lut_lib.LutRow]
   return np.array([float(np.dot(lookup(coefs, r.op, r.kernel), f)) for r, f in zip(rows, x)])
 
 
-def lookup(coefs: Mapping[str, Sequence[float]], op: str, kernel: int = 1):
-  """The coefficients of `op` with this kernel: its special-kernel regime if fitted, else its op type's."""
-  for key in (features_lib.regime(op, kernel), op):
+def lookup(coefs: Mapping[str, Sequence[float]], op: str, kernel: int = 1, on_core: bool = False):
+  """The coefficients of `op` with this kernel: its special-kernel regime if fitted, else its op type's (the
+  core-run ones with `on_core`)."""
+  suffix = features_lib.ON_CORE if on_core else ""
+  for key in (features_lib.regime(op, kernel, on_core), op + suffix):
     if key in coefs:
       return coefs[key]
-  raise EnergyModelError(f"no cost coefficients for operator {op!r}: the platform's table has no {op} rows")
+  raise EnergyModelError(f"no cost coefficients for operator {op!r}{' run on the core' if on_core else ''}: the "
+                         f"platform's table has no such rows")
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -111,6 +116,13 @@ def kfold_quality(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms", 
   over all rows and over the costlier half (the operators that dominate a network's sum; the cheapest rows are
   a few microseconds on the host, where timer noise is of the order of the cost), and R²/MAPE per op type. An op type with fewer rows than folds is scored leave-one-out.
   """
+  y = _targets(rows, quantity)
+  return quality(y, _regimes(rows), kfold_predictions(rows, quantity, folds, seed, feature_fn), quantity, folds)
+
+
+def kfold_predictions(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms", folds: int = 5,
+                      seed: int = 0, feature_fn=features_lib.cost_features) -> np.ndarray:
+  """Each row's cost predicted by its regime's fit on the folds without it."""
   x, y = _features(rows, feature_fn), _targets(rows, quantity)
   ops = _regimes(rows)
   pred = np.zeros_like(y)
@@ -124,13 +136,18 @@ def kfold_quality(rows: Sequence[lut_lib.LutRow], quantity: str = "latency_ms", 
       if len(train) == 0:
         raise EnergyModelError(f"k-fold: operator {op!r} has a single row; at least two are needed")
       pred[fold] = x[fold] @ fit_op(x[train], y[train])
+  return pred
+
+
+def quality(y: np.ndarray, ops: np.ndarray, pred: np.ndarray, quantity: str, folds: int) -> dict:
+  """R² (costs and log-costs), MAPE (all rows, costlier half) and per-regime R²/MAPE of held-out predictions."""
   per_op = {}
   for op in sorted(set(ops)):
     m = ops == op
     per_op[op] = dict(rows=int(m.sum()), r2=_round(r2_score(y[m], pred[m])), mape_pct=_round(mape(y[m], pred[m])))
   pos = (y > 0) & (pred > 0)
   large = y >= np.median(y)
-  return dict(quantity=quantity, folds=folds, rows=len(rows), r2=_round(r2_score(y, pred)),
+  return dict(quantity=quantity, folds=folds, rows=len(y), r2=_round(r2_score(y, pred)),
               r2_log=_round(r2_score(np.log(y[pos]), np.log(pred[pos]))), mape_pct=_round(mape(y, pred)),
               mape_pct_upper_half=_round(mape(y[large], pred[large])), per_op=per_op)
 
@@ -147,17 +164,19 @@ def _round(v: float) -> float | None:
 def coefficient_matrix(coefs: Mapping[str, Sequence[float]]) -> jnp.ndarray:
   """[len(REGIMES), N_FEATURES] in `edgenas.energy.features.REGIMES` order (a special kernel the table has no
   fit for takes its op type's row); op types the table lacks are NaN, so using one is loud rather than free."""
-  m = np.full((len(features_lib.REGIMES), N_FEATURES), np.nan, np.float32)
-  for i, key in enumerate(features_lib.REGIMES):
-    found = coefs.get(key, coefs.get(features_lib.base_op(key)))
+  m = np.full((len(features_lib.ALL_REGIMES), N_FEATURES), np.nan, np.float32)
+  for i, key in enumerate(features_lib.ALL_REGIMES):
+    suffix = features_lib.ON_CORE if key.endswith(features_lib.ON_CORE) else ""
+    found = coefs.get(key, coefs.get(features_lib.base_op(key) + suffix))
     if found is not None:
       m[i] = np.asarray(found, np.float32)
   return jnp.asarray(m)
 
 
-def regime_index(op: str, kernel: int) -> int:
-  """Row of `coefficient_matrix` for an operator with this kernel."""
-  return features_lib.REGIMES.index(features_lib.regime(op, kernel))
+def regime_index(op: str, kernel: int, on_core: bool = False) -> int:
+  """Row of `coefficient_matrix` for an operator with this kernel (run on the core of a board whose accelerator
+  cannot run it, with `on_core`)."""
+  return features_lib.ALL_REGIMES.index(features_lib.regime(op, kernel, on_core))
 
 
 def predict(coef_matrix: jnp.ndarray, op_index: jnp.ndarray, features: jnp.ndarray) -> jnp.ndarray:
@@ -171,14 +190,48 @@ def op_cost_fn(platform: platform_lib.Platform | str, quantity: str = "energy_uj
   if isinstance(platform, str):
     platform = platform_lib.load_platform(platform)
   coefs = {op: jnp.asarray(c, jnp.float32) for op, c in platform.coefficients(quantity).items()}
+  runs_on_core = core_predicate(platform)
 
   def op_cost(op, in_h, in_w, in_c, out_c, kernel=1, stride=1):
-    theta = lookup(coefs, op, kernel)
     feats = features_lib.cost_features(op, in_h, in_w, in_c, out_c, kernel, stride)
-    return sum(theta[i] * feats[i] for i in range(N_FEATURES))
+
+    def priced(on_core):
+      theta = lookup(coefs, op, kernel, on_core)
+      return sum(theta[i] * feats[i] for i in range(N_FEATURES))
+    on_core = runs_on_core(op, in_h, in_w, in_c, out_c, kernel, stride)
+    if isinstance(on_core, bool):
+      return priced(on_core)
+    return jnp.where(on_core, priced(True), priced(False))  # the channels decide whether the layer fits
 
   op_cost.__name__ = f"{platform.name}_{quantity}"
   return op_cost
+
+
+def fit_table(rows: Sequence[lut_lib.LutRow], on_core: Sequence[bool], core_table, quantity: str) -> dict:
+  """Coefficients for a board's table: without a `core_table`, `fit(rows)`; with one (a board with an
+  accelerator), the accelerated regimes from the rows the accelerator runs and the `_on_core` regimes from
+  `core_table`, every configuration priced on the core."""
+  if core_table is None:
+    return fit(rows, quantity)
+  accelerated = [r for r, c in zip(rows, on_core) if not c]
+  return dict(fit(accelerated, quantity), **fit(core_table, quantity, on_core=True))
+
+
+def core_predicate(platform: platform_lib.Platform):
+  """`on_core(op, in_h, in_w, in_c, out_c, kernel, stride)`: whether the layer runs on the core of a board whose
+  accelerator runs the others (always False without an accelerator; a JAX boolean for traced channels)."""
+  from edgenas.energy import accelerator as accelerator_lib
+  from edgenas.energy import cycles as cycles_lib
+  model = cycles_lib.from_profile(platform.cycle_model, platform.path) if platform.cycle_model else None
+  if model is None or model.accelerator is None:
+    return lambda *args: False
+
+  def on_core(op, in_h, in_w, in_c, out_c, kernel=1, stride=1):
+    if op not in accelerator_lib.ACCELERATED_OPS:
+      return True
+    fits = accelerator_lib.supported(accelerator_lib.geometry(op, in_h, in_w, in_c, out_c, kernel, stride))
+    return (not fits) if isinstance(fits, bool) else ~fits
+  return on_core
 
 
 def _nominal_features(*args):
@@ -187,39 +240,65 @@ def _nominal_features(*args):
 
 
 def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_lib.Platform:
-  """The platform with its regressor refitted on its own table and its k-fold fit quality recorded."""
+  """The platform with its regressor refitted on its own table and its k-fold fit quality recorded.
+
+  On a board with an accelerator the layers it runs and the layers that fall back to the core get coefficients
+  of their own: the accelerated regimes are fitted on the rows the accelerator runs, the `_on_core` ones on
+  every configuration priced on the core (the table's core-run rows plus the core's price of the others), so a
+  layer that grows past the accelerator's limits is priced as what it then is."""
   import dataclasses
   import datetime
   rows = lut_lib.load_lut(platform.lut_path)
-  regressor, quality = {}, {}
+  on_core = [core_predicate(platform)(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride) for r in rows]
+  has_accelerator = "accelerator" in (platform.cycle_model or {})
+  runs_accelerated = [has_accelerator and not c for c in on_core]
+  core_table = _core_table(platform) if any(runs_accelerated) and any(on_core) else None
+  regressor, fit_quality = {}, {}
   for quantity in platform_lib.QUANTITIES:
-    regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(rows, quantity).items()}
-    quality[quantity] = kfold_quality(rows, quantity, folds)
+    if core_table is None:
+      coefs = fit(rows, quantity)
+      fit_quality[quantity] = kfold_quality(rows, quantity, folds)
+    else:
+      accelerated = [r for r, c in zip(rows, on_core) if not c]
+      coefs = fit_table(rows, on_core, core_table, quantity)
+      # Held out: each accelerated row by the fit on the other accelerated rows, each core-run row by the fit on
+      # the rest of the core table.
+      pred_acc = iter(kfold_predictions(accelerated, quantity, folds))
+      pred_core = kfold_predictions(core_table, quantity, folds)
+      pred = np.array([pred_core[i] if c else next(pred_acc) for i, c in enumerate(on_core)])
+      regimes = np.array([features_lib.regime(r.op, r.kernel, c) for r, c in zip(rows, on_core)])
+      fit_quality[quantity] = quality(_targets(rows, quantity), regimes, pred, quantity, folds)
+    regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in coefs.items()}
   if platform.target:
     from edgenas.energy import counts as counts_lib
     counts = counts_lib.load_counts(counts_lib.counts_path(platform.target))
     # Instructions and flash data reads per operator, from the target's own counts (the LUT's latency column
-    # carries each count here); flash reads price the wait states of other operating points.
-    # On a board with an accelerator, the layers it runs read no weights through the core's flash path that the
-    # wait states of another operating point would re-price (their cycles are the board's measured ones), so
-    # their flash reads count 0; their instructions stay the core kernels' (what runs if the layer falls back).
-    from edgenas.energy import accelerator as accelerator_lib
-    from edgenas.energy import cycles as cycles_lib
-    model = cycles_lib.from_profile(platform.cycle_model, platform.path) if platform.cycle_model else None
-
-    def accelerated(r) -> bool:
-      return model is not None and model.accelerated(
-          accelerator_lib.geometry(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride))
+    # carries each count here); flash reads price the wait states of other operating points. On a board with an
+    # accelerator, the layers it runs read no weights through the core's flash path that another operating
+    # point's wait states would re-price (their cycles are the board's measured ones): their flash reads count 0;
+    # their instructions stay the core kernels' (what runs if the layer falls back).
     for quantity in platform_lib.OPTIONAL_QUANTITIES:
       counted = [lut_lib.LutRow(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride, r.groups,
-                                0.0 if quantity == "flash_reads" and accelerated(r) else float(getattr(r, quantity)),
-                                0.0, 1, 0.0, r.source) for r in counts]
+                                0.0 if quantity == "flash_reads" and accelerated else float(getattr(r, quantity)),
+                                0.0, 1, 0.0, r.source) for r, accelerated in zip(counts, runs_accelerated)]
       regressor[quantity] = {op: [float(f"{c:.6g}") for c in v] for op, v in fit(counted).items()}
-      quality[quantity] = dict(kfold_quality(counted, "latency_ms", folds), quantity=quantity)
+      fit_quality[quantity] = dict(kfold_quality(counted, "latency_ms", folds), quantity=quantity)
   nominal = kfold_quality(rows, "latency_ms", folds, feature_fn=_nominal_features)
-  quality["latency_ms_with_contract_features"] = {
+  fit_quality["latency_ms_with_contract_features"] = {
       k: nominal[k] for k in ("r2", "r2_log", "mape_pct", "mape_pct_upper_half")}
-  quality["method"] = (f"{folds}-fold cross-validation per op type on {os.path.basename(platform.lut_path)}: "
-                       "every row predicted by an NNLS fit that did not see it")
-  quality["fitted"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-  return dataclasses.replace(platform, regressor=regressor, fit_quality=quality)
+  fit_quality["method"] = (f"{folds}-fold cross-validation per op type on {os.path.basename(platform.lut_path)}: "
+                           "every row predicted by an NNLS fit that did not see it" + (
+                               "; rows the core runs by the fit on the core's price of every configuration"
+                               if core_table is not None else ""))
+  fit_quality["fitted"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  return dataclasses.replace(platform, regressor=regressor, fit_quality=fit_quality)
+
+
+def _core_table(platform: platform_lib.Platform) -> list[lut_lib.LutRow]:
+  """Every counted configuration of the platform's target priced on its core alone (its cycle model without
+  the accelerator), in the table's row order."""
+  from edgenas.energy import calibration, counts as counts_lib, cycles as cycles_lib
+  model = cycles_lib.from_profile(platform.cycle_model, platform.path)
+  counts = counts_lib.load_counts(counts_lib.counts_path(platform.target))
+  return calibration.emulated_rows(counts, platform, dataclasses.replace(model, accelerator=None),
+                                   platform.active_mw)
