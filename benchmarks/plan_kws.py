@@ -6,8 +6,9 @@ DIRs are KWS retrain, export, pipeline or sweep workdirs. The recorded result pl
 retrained with
   python -m launch.retrain --config=experiments/kws.py --config.retrain.epochs=6 --config.retrain.qat_epochs=2 \
       --baseline=dscnn --workdir=runs/plan_nets/dscnn
-and, from `python -m benchmarks.random_search --retrain_epochs=4`, the searched network and random0-3 of each budget
-(runs/random_search/lam_{0.03,0.3}/{searched,random0,...,random3}/seed0; the planner exports them). 16 kHz audio in
+and, from `python -m benchmarks.random_search --retrain_epochs=4` (the run behind results/random_search.json, its
+workdir runs/random_search3), the searched network and random0-3 of each budget
+(runs/random_search3/lam_{0.1,0.3}/{searched,random0,...,random3}/seed0; the planner exports them). 16 kHz audio in
 1 s windows with 50% overlap (2 frames/s); one keyword is the positive class, every other class (other keywords,
 unknown words, silence) negative.
 
