@@ -174,3 +174,34 @@ def test_the_search_cost_switches_to_the_core_price_where_a_layer_outgrows_the_m
   assert float(m4("conv_2d", 32, 32, 16, 66, 1, 1)) / 66 < 1.2 * float(m4("conv_2d", 32, 32, 16, 62, 1, 1)) / 62
   fq = p.fit_quality["latency_ms"]
   assert fq["r2"] > 0.9 and "conv_2d_1x1_on_core" in fq["per_op"]
+
+
+def test_import_script_transcribes_a_clone_with_file_and_commit(tmp_path):
+  """scripts/import_mvp_layers.py on a real git repository laid out like MLTK's: every layer of every model file
+  with a device profile, each row naming the file and the commit that last changed it."""
+  import os
+  import subprocess
+  import sys
+  repo = tmp_path / "mltk"
+  (repo / "mltk" / "models" / "zoo").mkdir(parents=True)
+  (repo / "mltk" / "models" / "zoo" / "tiny.py").write_text(
+      '"""\n   mltk profile tiny --device --accelerator MVP\n' + PROFILE + '"""\n')
+  (repo / "mltk" / "models" / "zoo" / "other.py").write_text('"""no profile here"""\n')
+  git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+  subprocess.run(git[:3] + ["init", "-q"], check=True)
+  subprocess.run(git + ["add", "-A"], check=True)
+  subprocess.run(git + ["commit", "-qm", "models"], check=True)
+  commit = subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+  out = tmp_path / "layers.csv"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, os.path.join(root, "scripts", "import_mvp_layers.py"),
+                         f"--mltk_git={repo}", f"--out={out}"], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  layers = accelerator.load_layers(str(out))
+  assert [l.op for l in layers] == ["conv_2d", "max_pool_2d", "fully_connected", "softmax"]
+  assert {l.source for l in layers} == {f"SiliconLabs/mltk@{commit}:mltk/models/zoo/tiny.py"}
+  bad = subprocess.run([sys.executable, os.path.join(root, "scripts", "import_mvp_layers.py"),
+                        f"--mltk_git={tmp_path / 'nothing'}", f"--out={tmp_path / 'x.csv'}"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not a readable git clone" in bad.stderr
+  assert not (tmp_path / "x.csv").exists()
