@@ -227,9 +227,7 @@ def core_predicate(platform: platform_lib.Platform):
     return lambda *args: False
 
   def on_core(op, in_h, in_w, in_c, out_c, kernel=1, stride=1):
-    if op not in accelerator_lib.ACCELERATED_OPS:
-      return True
-    fits = accelerator_lib.supported(accelerator_lib.geometry(op, in_h, in_w, in_c, out_c, kernel, stride))
+    fits = model.accelerated(accelerator_lib.geometry(op, in_h, in_w, in_c, out_c, kernel, stride))
     return (not fits) if isinstance(fits, bool) else ~fits
   return on_core
 
@@ -249,7 +247,8 @@ def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_li
   import dataclasses
   import datetime
   rows = lut_lib.load_lut(platform.lut_path)
-  on_core = [core_predicate(platform)(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride) for r in rows]
+  runs_on_core = core_predicate(platform)
+  on_core = [runs_on_core(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride) for r in rows]
   has_accelerator = "accelerator" in (platform.cycle_model or {})
   runs_accelerated = [has_accelerator and not c for c in on_core]
   core_table = _core_table(platform) if any(runs_accelerated) and any(on_core) else None
