@@ -365,9 +365,8 @@ def _search(config, workdir: str) -> dict:
   # Compiles in a background thread, in this order, while this thread initialises the state: the weight step
   # (the first step waits for it), then the evaluation and the α step (needed at the end of the first epoch and
   # after the warm-up; the first steps train meanwhile). A run that ends inside its warm-up needs no α step.
-  # One trace of the initialisation gives both the state's shapes (for the steps' compiles) and its program.
-  init_traced = jax.jit(obj.init_state, out_shardings=repl).trace(*init_args)
-  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), init_traced.out_info)
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                      jax.eval_shape(obj.init_state, *init_args))
   example = (spec, batch_at(train_stream, 0), batch_at(val_stream, 0), jnp.float32(1.0), jnp.float32(0.1))
   weight_step = aot.compile_in_background(
       jax.jit(obj.weight_step, out_shardings=(repl, repl), donate_argnums=0), spec, example[1], example[3])
@@ -375,7 +374,7 @@ def _search(config, workdir: str) -> dict:
   arch_step = jax.jit(obj.arch_step, out_shardings=(repl, repl), donate_argnums=0)
   if warmup < total:
     arch_step = aot.compile_in_background(arch_step, *example)
-  state = init_traced.lower().compile()(*init_args)
+  state = jax.jit(obj.init_state, out_shardings=repl)(*init_args)
 
   def step_fn(state, step):
     tau = jnp.float32(tau_at(step, total, s))
