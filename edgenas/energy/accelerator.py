@@ -9,18 +9,20 @@ one row per layer with the MVP's cycle counter ("Acc Cycles"), the CPU's cycles 
 ("CPU Cycles") and the layer's time. `scripts/import_mvp_layers.py` transcribes them into
 `platforms/efr32mg24_mvp_layers.csv` (each row names its file and commit).
 
-The model, per accelerated operator (`Regime`), on features that follow from how the MVP works (Silicon Labs'
-MVP documentation, `docs.silabs.com/machine-learning/latest/aiml-fundamentals/mvp-accelerator`):
+The model, per regime (`REGIMES`: convolution, depthwise per output pixel or per channel, fully connected, add,
+average and max pooling), on features that follow from how the MVP kernels work (Silicon Labs' MVP
+documentation, `docs.silabs.com/machine-learning/latest/aiml-fundamentals/mvp-accelerator`, and the Gecko SDK
+4.2 kernels):
 
-    accelerator cycles = a · MAC passes + b · output elements + c
-    CPU cycles         = d · output elements + e · output rows + f
-    layer cycles       = max(accelerator cycles, CPU cycles)     (the CPU sets up and waits for the MVP)
+    accelerator cycles = θ_acc · ACC_FEATURES[regime]    (MAC passes, outputs, a constant, ...)
+    CPU cycles         = θ_cpu · CPU_FEATURES[regime]    (programs the CPU loads, output pixels, a constant, ...)
+    layer cycles       = max(accelerator, CPU) + overlap · min(accelerator, CPU)
 
 - MAC passes: the MVP takes int8 pairs as one complex value when the innermost (channel) dimension is even, so
-  it does two MACs per pass; with an odd channel count it does one. MAC passes = MACs / 2 (even) or MACs (odd).
-- The coefficients are non-negative least squares on relative error over the measured layers of each regime.
-- `max`: MLTK's own estimator composes a layer's time the same way; the measured times agree (checked by the fit
-  report, `fit_report`).
+  it does two MACs per pass; with an odd channel count it does one. MAC passes = executed MACs / packing.
+- θ: non-negative least squares on relative error over the measured layers of each regime; the overlap (in
+  [0, 1]) from the measured layer times: the CPU loads every program itself and can queue only one behind the
+  running one, so the two only partly overlap.
 
 Operators the MVP does not run (softmax, reshape, ...) or whose tensors exceed its limits stay on the core and are
 priced from the core's emulated counts (`edgenas.energy.cycles`).
@@ -276,10 +278,6 @@ def geometry(op: str, in_h: int, in_w: int, in_c: int, out_c: int, kernel=1, str
                   kh, kw, sh, sw, padding)
 
 
-def of_layer(layer: MeasuredLayer) -> Geometry:
-  return layer.geometry
-
-
 def depthwise_path(g: Geometry) -> str:
   """'pixel' (one MVP program per output pixel, looping over the channels) when the map is small for its
   channels (W·H <= 4·Kh·Kw·C), else 'channel' (the CPU loops over channels, a program per channel and edge
@@ -453,7 +451,7 @@ def unique_layers(layers: Iterable[MeasuredLayer]) -> list[MeasuredLayer]:
   """One row per distinct (model, geometry): a model's repeated blocks would otherwise weigh several times."""
   seen, out = set(), []
   for l in layers:
-    key = (l.model, of_layer(l))
+    key = (l.model, l.geometry)
     if key not in seen:
       seen.add(key)
       out.append(l)
@@ -466,12 +464,12 @@ def fit(layers: Sequence[MeasuredLayer], clock_mhz: float) -> MvpModel:
   by_regime: dict[str, list[MeasuredLayer]] = {}
   for l in unique_layers(layers):
     if l.op in ACCELERATED_OPS and l.acc_cycles > 0:
-      by_regime.setdefault(regime(of_layer(l)), []).append(l)
+      by_regime.setdefault(regime(l.geometry), []).append(l)
   for r in REGIMES:
     rows = by_regime.get(r, [])
     if len(rows) < 2:
       raise EnergyModelError(f"MVP fit: regime {r!r} has {len(rows)} measured layers; at least 2 are needed")
-    geoms = [of_layer(l) for l in rows]
+    geoms = [l.geometry for l in rows]
     acc[r] = list(_nnls_relative(np.array([features(g, "acc") for g in geoms]),
                                  np.array([l.acc_cycles for l in rows], float)))
     cpu[r] = list(_nnls_relative(np.array([features(g, "cpu") for g in geoms]),
@@ -503,9 +501,9 @@ def fit_report(model: MvpModel, layers: Sequence[MeasuredLayer], clock_mhz: floa
   fitted = [l for l in unique_layers(layers) if l.model not in held_out and l.op in ACCELERATED_OPS
             and l.acc_cycles > 0]
   for r in REGIMES:
-    rows = [l for l in fitted if regime(of_layer(l)) == r]
-    parts = [model.parts(of_layer(l)) for l in rows]
-    timed = [(model.cycles(of_layer(l)), l.time_us * clock_mhz) for l in rows
+    rows = [l for l in fitted if regime(l.geometry) == r]
+    parts = [model.parts(l.geometry) for l in rows]
+    timed = [(model.cycles(l.geometry), l.time_us * clock_mhz) for l in rows
              if l.time_us * clock_mhz >= MIN_TIMED_CYCLES]
     per_regime[r] = dict(
         layers=len(rows),
@@ -518,7 +516,7 @@ def fit_report(model: MvpModel, layers: Sequence[MeasuredLayer], clock_mhz: floa
   for name in held_out:
     rows = [l for l in layers if l.model == name and l.op in ACCELERATED_OPS and l.acc_cycles > 0]
     if rows:
-      predicted = sum(model.cycles(of_layer(l)) for l in rows) / clock_mhz / 1e3
+      predicted = sum(model.cycles(l.geometry) for l in rows) / clock_mhz / 1e3
       measured = sum(l.time_us for l in rows) / 1e3
       held[name] = dict(layers=len(rows), predicted_ms=round(predicted, 3), measured_ms=round(measured, 3),
                         error_pct=round(100 * (predicted / measured - 1), 2))
