@@ -266,11 +266,7 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
   measured_power = all(e is not None for e in energies)
   powers = [float(e) / float(m["latency_ms"]) for e, m in zip(energies, measurements)] if measured_power else []
   active_mw = float(np.mean(powers)) if measured_power else platform.active_mw
-  loo_scales = []
-  for k in range(len(measurements) if len(measurements) > 1 else 0):
-    rest = [j for j in range(len(measurements)) if j != k]
-    loo_scales.append(cycles_lib.fit_scale_parts([scaled[j] for j in rest], [fixed[j] for j in rest],
-                                                 [measured_cycles[j] for j in rest]))
+  loo_scales = cycles_lib.leave_one_out_scales(scaled, fixed, measured_cycles) if len(measurements) > 1 else []
   loo_latency = [100 * ((s * scaled[k] + fixed[k]) / measured_cycles[k] - 1) for k, s in enumerate(loo_scales)]
   reproduction = []
   for k, (m, e) in enumerate(zip(measurements, emulated)):
@@ -304,7 +300,7 @@ def calibrate_emulated(platform: platform_lib.Platform, build_dir: str | None = 
       rows = emulated_rows(count_rows, platform, loo, active_mw)
       core_table, on_core = None, [False] * len(rows)
       if loo.accelerator is not None:  # the regressor prices core-run layers with coefficients of their own
-        core_table = emulated_rows(count_rows, platform, dataclasses.replace(loo, accelerator=None), active_mw)
+        core_table = regressor_lib.core_table(platform, loo, active_mw)
         on_core = [not loo.accelerated(accelerator_lib.geometry(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel,
                                                                 r.stride)) for r in rows]
       coefs = regressor_lib.fit_table(rows, on_core, core_table, "latency_ms")

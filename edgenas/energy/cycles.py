@@ -135,14 +135,17 @@ def fit_scale_parts(scaled: Sequence[float], fixed: Sequence[float], measured_cy
   return scale
 
 
+def leave_one_out_scales(scaled: Sequence[float], fixed: Sequence[float],
+                         measured_cycles: Sequence[float]) -> list[float]:
+  """Per model, the scale fitted (`fit_scale_parts`) on the other models alone."""
+  n = len(measured_cycles)
+  return [fit_scale_parts(*([v[j] for j in range(n) if j != k] for v in (scaled, fixed, measured_cycles)))
+          for k in range(n)]
+
+
 def leave_one_out(model: CycleModel, classes, flash_reads, measured_cycles) -> list[float]:
   """Per model, the relative error (%) of its cycles predicted with the scale fitted on the other models."""
-  n = len(measured_cycles)
-  errors = []
-  for k in range(n):
-    rest = [j for j in range(n) if j != k]
-    scale = fit_scale(model, [classes[j] for j in rest], [flash_reads[j] for j in rest],
-                      [measured_cycles[j] for j in rest])
-    predicted = dataclasses.replace(model, scale=scale).cycles(classes[k], flash_reads[k])
-    errors.append(float(100.0 * (predicted / measured_cycles[k] - 1.0)))
-  return errors
+  scaled = [model.core_cycles(c) for c in classes]
+  fixed = [float(model.memory_cycles(f)) for f in flash_reads]
+  scales = leave_one_out_scales(scaled, fixed, measured_cycles)
+  return [float(100.0 * ((s * a + b) / m - 1.0)) for s, a, b, m in zip(scales, scaled, fixed, measured_cycles)]

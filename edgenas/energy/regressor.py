@@ -207,14 +207,14 @@ def op_cost_fn(platform: platform_lib.Platform | str, quantity: str = "energy_uj
   return op_cost
 
 
-def fit_table(rows: Sequence[lut_lib.LutRow], on_core: Sequence[bool], core_table, quantity: str) -> dict:
-  """Coefficients for a board's table: without a `core_table`, `fit(rows)`; with one (a board with an
+def fit_table(rows: Sequence[lut_lib.LutRow], on_core: Sequence[bool], core_rows, quantity: str) -> dict:
+  """Coefficients for a board's table: without a `core_rows`, `fit(rows)`; with one (a board with an
   accelerator), the accelerated regimes from the rows the accelerator runs and the `_on_core` regimes from
-  `core_table`, every configuration priced on the core."""
-  if core_table is None:
+  `core_rows`, every configuration priced on the core."""
+  if core_rows is None:
     return fit(rows, quantity)
   accelerated = [r for r, c in zip(rows, on_core) if not c]
-  return dict(fit(accelerated, quantity), **fit(core_table, quantity, on_core=True))
+  return dict(fit(accelerated, quantity), **fit(core_rows, quantity, on_core=True))
 
 
 def core_predicate(platform: platform_lib.Platform):
@@ -251,19 +251,19 @@ def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_li
   on_core = [runs_on_core(r.op, r.in_h, r.in_w, r.in_c, r.out_c, r.kernel, r.stride) for r in rows]
   has_accelerator = "accelerator" in (platform.cycle_model or {})
   runs_accelerated = [has_accelerator and not c for c in on_core]
-  core_table = _core_table(platform) if any(runs_accelerated) and any(on_core) else None
+  core_rows = core_table(platform) if any(runs_accelerated) and any(on_core) else None
   regressor, fit_quality = {}, {}
   for quantity in platform_lib.QUANTITIES:
-    if core_table is None:
+    if core_rows is None:
       coefs = fit(rows, quantity)
       fit_quality[quantity] = kfold_quality(rows, quantity, folds)
     else:
       accelerated = [r for r, c in zip(rows, on_core) if not c]
-      coefs = fit_table(rows, on_core, core_table, quantity)
+      coefs = fit_table(rows, on_core, core_rows, quantity)
       # Held out: each accelerated row by the fit on the other accelerated rows, each core-run row by the fit on
       # the rest of the core table.
       pred_acc = iter(kfold_predictions(accelerated, quantity, folds))
-      pred_core = kfold_predictions(core_table, quantity, folds)
+      pred_core = kfold_predictions(core_rows, quantity, folds)
       pred = np.array([pred_core[i] if c else next(pred_acc) for i, c in enumerate(on_core)])
       regimes = np.array([features_lib.regime(r.op, r.kernel, c) for r, c in zip(rows, on_core)])
       fit_quality[quantity] = quality(_targets(rows, quantity), regimes, pred, quantity, folds)
@@ -288,16 +288,16 @@ def fit_platform(platform: platform_lib.Platform, folds: int = 5) -> platform_li
   fit_quality["method"] = (f"{folds}-fold cross-validation per op type on {os.path.basename(platform.lut_path)}: "
                            "every row predicted by an NNLS fit that did not see it" + (
                                "; rows the core runs by the fit on the core's price of every configuration"
-                               if core_table is not None else ""))
+                               if core_rows is not None else ""))
   fit_quality["fitted"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   return dataclasses.replace(platform, regressor=regressor, fit_quality=fit_quality)
 
 
-def _core_table(platform: platform_lib.Platform) -> list[lut_lib.LutRow]:
-  """Every counted configuration of the platform's target priced on its core alone (its cycle model without
-  the accelerator), in the table's row order."""
+def core_table(platform: platform_lib.Platform, model=None, active_mw: float | None = None) -> list[lut_lib.LutRow]:
+  """Every counted configuration of the platform's target priced on its core alone (`model`, by default the
+  profile's cycle model, without the accelerator), in the table's row order."""
   from edgenas.energy import calibration, counts as counts_lib, cycles as cycles_lib
-  model = cycles_lib.from_profile(platform.cycle_model, platform.path)
+  model = model or cycles_lib.from_profile(platform.cycle_model, platform.path)
   counts = counts_lib.load_counts(counts_lib.counts_path(platform.target))
   return calibration.emulated_rows(counts, platform, dataclasses.replace(model, accelerator=None),
-                                   platform.active_mw)
+                                   platform.active_mw if active_mw is None else active_mw)
