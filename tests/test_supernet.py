@@ -398,3 +398,24 @@ def test_a_bfloat16_search_computes_in_bfloat16_and_keeps_float32_state(space, b
     results.append((float(wm["train_ce"]), float(am["val_ce"])))
   np.testing.assert_allclose(results[1], results[0], rtol=0.05)
 
+
+
+def test_gradient_boundary_is_the_identity_and_materialises_the_cotangent():
+  """The boundary between layers changes no value or gradient (first and forward-over-reverse second order), and
+  on XLA:CPU its cotangent stays a conditional's operand, which XLA cannot fuse into the consumers."""
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+  def loss(v, boundary):
+    h = jnp.sin(3.0 * v)
+    return jnp.sum(jnp.cos(sn.gradient_boundary(h) if boundary else h) * v)
+
+  g_with, g_without = jax.grad(loss)(x, True), jax.grad(loss)(x, False)
+  np.testing.assert_allclose(g_with, g_without, rtol=1e-6)
+  tangent = jnp.ones_like(x)
+  hvp_with = jax.jvp(lambda v: jax.grad(loss)(v, True), (x,), (tangent,))[1]
+  hvp_without = jax.jvp(lambda v: jax.grad(loss)(v, False), (x,), (tangent,))[1]
+  np.testing.assert_allclose(hvp_with, hvp_without, rtol=1e-5)
+  compiled = jax.jit(jax.grad(loss), static_argnums=1).lower(x, True).compile().as_text()
+  assert "conditional" in compiled
+  # A non-finite cotangent stays non-finite: the loop's NaN check must still see it.
+  assert not np.isfinite(np.asarray(jax.grad(lambda v: jnp.sum(sn.gradient_boundary(v) * jnp.nan))(x))).any()

@@ -183,15 +183,18 @@ def _kernel_grad(padded, g, kernel_hw, stride):
   if n * image_bytes <= _CHUNK_BYTES:
     return _tap_kernel_grads(padded, g, kernel_hw, stride).reshape(kh, kw, c)
   chunk = _largest_divisor_at_most(n, _CHUNK_BYTES // image_bytes)
-  # Chunk t holds images t, t + n/chunk, t + 2n/chunk, ...: the scanned axis is then not the batch axis itself,
-  # which stays free to be sharded over devices (scan refuses a sharded scanned axis).
-  padded_chunks = jnp.moveaxis(padded.reshape(chunk, n // chunk, *padded.shape[1:]), 1, 0)
-  g_chunks = jnp.moveaxis(g.reshape(chunk, n // chunk, *g.shape[1:]), 1, 0)
+  # Chunk t holds images t, t + n/chunk, t + 2n/chunk, ...: the loop then walks the second axis of a free
+  # reshape, leaving the batch axis free to be sharded over devices, and no chunk is copied into a transposed
+  # array first (moving the axis to the front cost as much as the taps themselves).
+  padded_chunks = padded.reshape(chunk, n // chunk, *padded.shape[1:])
+  g_chunks = g.reshape(chunk, n // chunk, *g.shape[1:])
 
-  def add_chunk(total, chunk_pair):
-    return total + _tap_kernel_grads(chunk_pair[0], chunk_pair[1], kernel_hw, stride), None
+  def add_chunk(t, total):
+    return total + _tap_kernel_grads(lax.dynamic_index_in_dim(padded_chunks, t, axis=1, keepdims=False),
+                                     lax.dynamic_index_in_dim(g_chunks, t, axis=1, keepdims=False),
+                                     kernel_hw, stride)
 
-  total, _ = lax.scan(add_chunk, jnp.zeros((kh * kw, c), g.dtype), (padded_chunks, g_chunks))
+  total = lax.fori_loop(0, n // chunk, add_chunk, jnp.zeros((kh * kw, c), g.dtype))
   return total.reshape(kh, kw, c)
 
 
