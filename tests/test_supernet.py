@@ -376,6 +376,17 @@ def test_an_entangled_gumbel_step_trains_the_weights_every_candidate_of_its_fami
     assert float(jnp.max(jnp.abs(g["e1_dw"]))) == 0  # the other family did not run
 
 
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, including those of the jaxprs inside it (remat, switch, pjit)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
+
+
 @pytest.mark.parametrize("relaxation", ["softmax", "gumbel"])  # sigmoid mixes as softmax does
 def test_a_bfloat16_search_computes_in_bfloat16_and_keeps_float32_state(space, batch, relaxation):
   """config.search.compute_dtype = "bfloat16": the supernet's activations are bfloat16 (GPU/TPU matrix units,
@@ -384,10 +395,15 @@ def test_a_bfloat16_search_computes_in_bfloat16_and_keeps_float32_state(space, b
   obj32 = make_objective(space, relaxation, lam=0.5, penalty="additive")
   obj16 = make_objective(space, relaxation, compute_dtype="bfloat16", lam=0.5, penalty="additive")
   state = obj32.init_state(jax.random.PRNGKey(0), batch["image"][:1])
-  dtypes = {e.outvars[0].aval.dtype for e in jax.make_jaxpr(
-      lambda w: obj16.task_loss(w, state.arch, batch, jax.random.PRNGKey(1), 1.0))(state.weights).jaxpr.eqns
-      if e.primitive.name in ("conv_general_dilated", "dot_general")}
-  assert dtypes == {jnp.dtype("bfloat16")}, dtypes
+  eqns = list(_all_eqns(jax.make_jaxpr(
+      lambda w: obj16.task_loss(w, state.arch, batch, jax.random.PRNGKey(1), 1.0))(state.weights).jaxpr))
+  dtypes = {e.outvars[0].aval.dtype for e in eqns
+            if e.primitive.name in ("conv_general_dilated", "dot_general") and e.outvars[0].aval.ndim == 4}
+  assert dtypes == {jnp.dtype("bfloat16")}, dtypes  # every conv and matmul over the activations
+  # The statistics an expand conv's BatchNorm takes from its input's covariance stay float32 (C_in x C_in).
+  stats = {e.outvars[0].aval.dtype for e in eqns if e.primitive.name == "dot_general"
+           and e.outvars[0].aval.ndim == 2 and 1 < e.outvars[0].aval.shape[0] == e.outvars[0].aval.shape[1]}
+  assert stats == {jnp.dtype("float32")}, stats
   results = []
   for obj in (obj32, obj16):
     s1, wm = jax.jit(obj.weight_step)(state, batch, 1.0)
@@ -419,3 +435,24 @@ def test_gradient_boundary_is_the_identity_and_materialises_the_cotangent():
   assert "conditional" in compiled
   # A non-finite cotangent stays non-finite: the loop's NaN check must still see it.
   assert not np.isfinite(np.asarray(jax.grad(lambda v: jnp.sum(sn.gradient_boundary(v) * jnp.nan))(x))).any()
+
+
+def test_pointwise_batch_stat_norm_equals_the_conv_then_the_norm():
+  """The expand conv's BatchNorm from its input's covariance: the same values and gradients as normalising the
+  conv's output, for an input whose channels are correlated and off-centre."""
+  from edgenas.nn.model import pointwise
+  k = jax.random.split(jax.random.PRNGKey(0), 5)
+  x = jax.random.normal(k[0], (6, 5, 5, 8)) @ jax.random.normal(k[1], (8, 8)) + 2.0
+  w = 0.3 * jax.random.normal(k[2], (8, 24))
+  scale, bias = 1.0 + jax.random.normal(k[3], (24,)), jax.random.normal(k[4], (24,))
+
+  def loss(fn, *args):
+    return jnp.sum(jnp.sin(fn(*args)))
+
+  direct = lambda x, w, s, b: sn.batch_stat_norm(pointwise(x, w), s, b)
+  np.testing.assert_allclose(sn.pointwise_batch_stat_norm(x, w, scale, bias), direct(x, w, scale, bias),
+                             rtol=1e-4, atol=1e-4)
+  got = jax.grad(lambda *a: loss(sn.pointwise_batch_stat_norm, *a), argnums=(0, 1, 2, 3))(x, w, scale, bias)
+  want = jax.grad(lambda *a: loss(direct, *a), argnums=(0, 1, 2, 3))(x, w, scale, bias)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(g, h, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(h))))

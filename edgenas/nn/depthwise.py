@@ -68,7 +68,7 @@ def depthwise_conv(x, kernel, stride=1, impl: str = "auto"):
   if resolve_impl(impl) == "lax":
     y = _lax_depthwise(x, kernel_2d, stride)
   else:
-    y = _shift_depthwise(x, kernel_2d, stride)
+    y = _shift_depthwise(x, kernel_2d, stride, tuple(x.shape[1:3]))
   return y
 
 
@@ -212,26 +212,26 @@ def _input_grad(g, kernel, stride, in_h, in_w):
   return _shifted_sum(dilated, kernel[::-1, ::-1], (1, 1), in_h, in_w)
 
 
-def _shift_forward(x, kernel, stride):
+def _shift_forward(x, kernel, stride, in_hw=None):
   padded, out_h, out_w = _pad_same(x, kernel.shape[:2], stride)
   return _shifted_sum(padded, kernel, stride, out_h, out_w)
 
 
-_shift_depthwise = jax.custom_vjp(_shift_forward, nondiff_argnums=(2,))
+_shift_depthwise = jax.custom_vjp(_shift_forward, nondiff_argnums=(2, 3))
 
 
-def _shift_depthwise_fwd(x, kernel, stride):
-  # x itself is the residual (it is alive anyway); the padded copy is rebuilt in the backward pass.
-  return _shift_forward(x, kernel, stride), (x, kernel)
+def _shift_depthwise_fwd(x, kernel, stride, in_hw):
+  # The padded copy is the residual: the kernel gradient reads it, and rebuilding it from x in the backward pass
+  # made XLA compute it twice (the pad fuses with the BatchNorm and ReLU6 that produce x).
+  padded, out_h, out_w = _pad_same(x, kernel.shape[:2], stride)
+  return _shifted_sum(padded, kernel, stride, out_h, out_w), (padded, kernel)
 
 
-def _shift_depthwise_bwd(stride, residuals, g):
-  x, kernel = residuals
-  kernel_hw = kernel.shape[:2]
-  padded, _, _ = _pad_same(x, kernel_hw, stride)
-  dx = _input_grad(g, kernel, stride, x.shape[1], x.shape[2])
+def _shift_depthwise_bwd(stride, in_hw, residuals, g):
+  padded, kernel = residuals
+  dx = _input_grad(g, kernel, stride, *in_hw)
   # Cotangents must have their primal's dtype (x and kernel may differ, e.g. bfloat16 activations).
-  return dx.astype(x.dtype), _kernel_grad(padded, g, kernel_hw, stride).astype(kernel.dtype)
+  return dx.astype(padded.dtype), _kernel_grad(padded, g, kernel.shape[:2], stride).astype(kernel.dtype)
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
