@@ -8,6 +8,7 @@ from edgenas import cost as cost_lib
 from edgenas import objective as objective_lib
 from edgenas import optim
 from edgenas import search, space as space_lib
+from edgenas.nn import fusion
 from edgenas.nn import supernet as sn
 from experiments import tiny
 
@@ -423,7 +424,7 @@ def test_gradient_boundary_is_the_identity_and_materialises_the_cotangent():
 
   def loss(v, boundary):
     h = jnp.sin(3.0 * v)
-    return jnp.sum(jnp.cos(sn.gradient_boundary(h) if boundary else h) * v)
+    return jnp.sum(jnp.cos(fusion.gradient_boundary(h) if boundary else h) * v)
 
   g_with, g_without = jax.grad(loss)(x, True), jax.grad(loss)(x, False)
   np.testing.assert_allclose(g_with, g_without, rtol=1e-6)
@@ -434,7 +435,7 @@ def test_gradient_boundary_is_the_identity_and_materialises_the_cotangent():
   compiled = jax.jit(jax.grad(loss), static_argnums=1).lower(x, True).compile().as_text()
   assert "conditional" in compiled
   # A non-finite cotangent stays non-finite: the loop's NaN check must still see it.
-  assert not np.isfinite(np.asarray(jax.grad(lambda v: jnp.sum(sn.gradient_boundary(v) * jnp.nan))(x))).any()
+  assert not np.isfinite(np.asarray(jax.grad(lambda v: jnp.sum(fusion.gradient_boundary(v) * jnp.nan))(x))).any()
 
 
 def test_pointwise_batch_stat_norm_equals_the_conv_then_the_norm():

@@ -44,6 +44,7 @@ import numpy as np
 from edgenas import architecture as arch_lib
 from edgenas import ops as ops_lib
 from edgenas import space as space_lib
+from edgenas.nn import fusion
 from edgenas.nn.depthwise import depthwise_conv
 from edgenas.nn.model import conv2d, global_avg_pool, pointwise, relu6
 
@@ -382,38 +383,6 @@ class MixedOp(nn.Module):
             + hard[1] * nn.switch(second, branches, self, x, gates))
 
 
-def _materialised(g):
-  """g, computed into a buffer of its own. XLA has no fusion barrier that survives to fusion (it expands
-  `optimization_barrier` into control edges first), but it never fuses across a conditional's operands. The
-  predicate depends on g, so it cannot be folded; the other branch only runs when g[0] is not finite, and then
-  spreads that NaN or inf over g (the step is lost either way, and the loop's NaN check stops the run)."""
-  first = g.reshape(-1)[0]
-  return jax.lax.cond(jnp.isfinite(first), lambda g: g, lambda g: g + 0 * first, g)
-
-
-@jax.custom_vjp
-def gradient_boundary(x):
-  """Identity whose cotangent is materialised once (XLA:CPU).
-
-  A layer's output gradient is the sum of every candidate's input gradient in the next layer (shifted sums of
-  the depthwise convs, BatchNorm backward terms: 60-odd tensors). XLA:CPU fuses that sum into each of its
-  consumers, the ten candidates' projection and BatchNorm gradients, most of them transposed for a weight
-  gradient's dot: it was computed ~20 times over, strided, per layer. Measured on the CIFAR-sized supernet
-  (2 cores): weight step 8.0 -> 4.3 s."""
-  return x
-
-
-def _gradient_boundary_fwd(x):
-  return x, None
-
-
-def _gradient_boundary_bwd(_, g):
-  return (_materialised(g),)
-
-
-gradient_boundary.defvjp(_gradient_boundary_fwd, _gradient_boundary_bwd)
-
-
 class Supernet(nn.Module):
   space: space_lib.SearchSpace
   relaxation: str = "softmax"
@@ -435,7 +404,7 @@ class Supernet(nn.Module):
       x = MixedOp(slot, s.gate_group, self.relaxation, self.weight_sharing, name=f"layer_{i}")(
           x, arch["alpha"][i], gates, train, tau, arch_step).astype(x.dtype)
       if jax.default_backend() == "cpu":  # a conditional costs a host round trip on GPU and TPU
-        x = gradient_boundary(x)
+        x = fusion.gradient_boundary(x)
     if s.head_channels:
       x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                                   (x.shape[-1], s.head_channels)))
