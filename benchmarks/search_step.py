@@ -9,8 +9,8 @@ the images: the cost of a step does not depend on pixel values.
   python -m benchmarks.search_step [--steps 10] [--configs digits,cifar,vww96] [--relaxations softmax,gumbel,sigmoid]
       [--dtypes float32,bfloat16] [--population 0] [--out benchmarks/results/search_step.json]
 
-The recorded file combines `--configs digits --steps 10` and `--configs cifar --steps 3` (a CIFAR softmax pair takes
-about 13 s), run back to back; each gumbel/softmax ratio compares rows of one run.
+The recorded file is one run of `--configs digits,cifar --steps 5`; each gumbel/softmax ratio compares rows of that
+run. `benchmarks.profile_step` breaks one step of a row down by operation.
 """
 import argparse
 import json
@@ -32,9 +32,8 @@ VWW96_SPACE = dict(CIFAR_SPACE, stem=dict(channels=16, kernel=3, stride=2))  # 9
 SHAPES = {"digits": (8, 8, 1), "cifar": (32, 32, 3), "vww96": (96, 96, 3)}
 
 
-def measure(name: str, relaxation: str, steps: int, dtype: str = "float32", population: int = 0) -> dict:
-  """Runs in the child process. `population` > 0: the vectorised sweep's steps over that many members."""
-  import jax
+def build(name: str, relaxation: str, dtype: str = "float32"):
+  """The objective, its search space and a random batch of the config's shape (digits' defaults otherwise)."""
   import jax.numpy as jnp
   import numpy as np
   from edgenas import objective as objective_lib
@@ -60,6 +59,17 @@ def measure(name: str, relaxation: str, steps: int, dtype: str = "float32", popu
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.random((bs,) + shape), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, bs), jnp.int32)}
+  return obj, space, batch
+
+
+def measure(name: str, relaxation: str, steps: int, dtype: str = "float32", population: int = 0) -> dict:
+  """Runs in the child process. `population` > 0: the vectorised sweep's steps over that many members."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  obj, space, batch = build(name, relaxation, dtype)
+  shape, bs = SHAPES[name], batch["label"].shape[0]
   tau, xi = jnp.float32(1.0), jnp.float32(0.05)
   member_args = ()
   t0 = time.perf_counter()

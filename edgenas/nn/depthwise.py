@@ -66,11 +66,10 @@ def depthwise_conv(x, kernel, stride=1, impl: str = "auto"):
   padding="SAME")` and TFLite pad."""
   kernel_2d = _checked_kernel(x, kernel, stride)
   stride = ops_lib.pair(stride)  # static Python ints: they select slices and pads
-  if resolve_impl(impl) == "lax":
-    y = _lax_depthwise(x, kernel_2d, stride)
-  else:
-    y = _shift_depthwise(x, kernel_2d, stride, tuple(x.shape[1:3]))
-  return y
+  with jax.named_scope("depthwise"):  # names its operations in profiles (benchmarks/profile_step.py)
+    if resolve_impl(impl) == "lax":
+      return _lax_depthwise(x, kernel_2d, stride)
+    return _shift_depthwise(x, kernel_2d, stride, tuple(x.shape[1:3]))
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:

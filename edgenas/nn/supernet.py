@@ -403,7 +403,9 @@ class Supernet(nn.Module):
       gates = [gate_values[o:o + n] if n else None for o, n in row]
       x = MixedOp(slot, s.gate_group, self.relaxation, self.weight_sharing, name=f"layer_{i}")(
           x, arch["alpha"][i], gates, train, tau, arch_step).astype(x.dtype)
-      if jax.default_backend() == "cpu":  # a conditional costs a host round trip on GPU and TPU
+      # Where every candidate runs, the next layer's candidates all add to this output's gradient (see
+      # `fusion.gradient_boundary`); on GPU and TPU a conditional would cost a round trip to the host.
+      if self.relaxation != "gumbel" and jax.default_backend() == "cpu":
         x = fusion.gradient_boundary(x)
     if s.head_channels:
       x = pointwise(x, self.param("head", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
