@@ -213,6 +213,7 @@ def _input_grad(g, kernel, stride, in_h, in_w):
 
 
 def _shift_forward(x, kernel, stride, in_hw=None):
+  # in_hw (x's height and width) is for the backward pass, which no longer holds x itself.
   padded, out_h, out_w = _pad_same(x, kernel.shape[:2], stride)
   return _shifted_sum(padded, kernel, stride, out_h, out_w)
 
