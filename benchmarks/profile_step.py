@@ -7,7 +7,7 @@ Same supernet, batch and step as `benchmarks.search_step` (random data of the ri
 each XLA:CPU thunk (a fusion, a matmul, a loop) with its duration and the thread it ran on; each is attributed with
 the `op_name` XLA keeps from the JAX trace (`jit(weight_step)/transpose(jvp(Supernet))/layer_0/.../cand_8_k7e6/
 expand_bn...`): `transpose(` marks the backward pass, the candidate's module path the part. Times are thread
-time (two threads work at once on 2 cores, so they add up to about twice the wall time). Also lists the largest
+time: on 2 cores they add up to between one and two times the wall time, depending on how much runs in parallel. Also lists the largest
 single operations with their shapes, the place to start looking. Needs TensorFlow's copy of the profiler's protos
 (the `export` extra) to read the trace.
 """
@@ -46,7 +46,7 @@ CONTAINER = re.compile(r"^(end: )?(while|cond|conditional)(\.\d+)?$")
 
 
 def _op_names(hlo_text: str) -> dict:
-  """Instruction name -> op_name, from the compiled module's text."""
+  """Instruction name -> (op_name, result shape), from the compiled module's text."""
   names = {}
   for m in re.finditer(r"\n\s*(?:ROOT )?%(\S+) = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo_text):
     names.setdefault(m.group(1), (m.group(3), m.group(2)))
